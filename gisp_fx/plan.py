@@ -1,0 +1,223 @@
+"""GroupPlan: the prunable groups of a model, per layer, as plain data (JSON round-trip, no modules or nodes)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+
+PLAN_VERSION = 1
+
+
+class Axis(enum.IntEnum):
+    ROWS = 0  # output features: weight rows and bias entries
+    COLS = 1  # input features: weight columns
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    module: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    def params(self, axis: Axis, count: int) -> int:
+        """Parameters held by `count` rows or columns of this linear."""
+        if axis is Axis.ROWS:
+            return count * (self.in_features + int(self.bias))
+        return count * self.out_features
+
+
+@dataclass(frozen=True)
+class Member:
+    """The indices, per group, that one linear contributes on one axis."""
+
+    module: str
+    axis: Axis
+    index: tuple[tuple[int, ...], ...]
+
+    def to_json(self) -> dict:
+        out = {"module": self.module, "axis": self.axis.name.lower(), "count": len(self.index)}
+        affine = _affine(self.index)
+        if affine is not None:
+            out.update(start=affine[0], stride=affine[1], width=affine[2])
+        else:
+            out["index"] = [list(ix) for ix in self.index]
+        return out
+
+    @staticmethod
+    def from_json(d: dict) -> "Member":
+        if "index" in d:
+            index = tuple(tuple(ix) for ix in d["index"])
+        else:
+            index = tuple(
+                tuple(range(d["start"] + g * d["stride"], d["start"] + g * d["stride"] + d["width"]))
+                for g in range(d["count"])
+            )
+        return Member(d["module"], Axis[d["axis"].upper()], index)
+
+
+def _affine(index: tuple[tuple[int, ...], ...]) -> tuple[int, int, int] | None:
+    """(start, stride, width) when group g holds start + g*stride + [0, width); None otherwise."""
+    if not index or not index[0]:
+        return None
+    width, start = len(index[0]), index[0][0]
+    stride = index[1][0] - start if len(index) > 1 else width
+    for g, ix in enumerate(index):
+        first = start + g * stride
+        if len(ix) != width or ix != tuple(range(first, first + width)):
+            return None
+    return start, stride, width
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Query heads (q rows + o columns) and K/V groups (k and v rows) of one attention module."""
+
+    module: str
+    head_dim: int
+    query: tuple[Member, ...]
+    kv: tuple[Member, ...]
+    kv_of_head: tuple[int, ...]  # query head -> K/V group
+    mha: bool  # one query head per K/V group in the analysed model: a head's score includes its k/v rows
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.kv_of_head)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv[0].index) if self.kv else 0
+
+    def to_json(self) -> dict:
+        return {
+            "module": self.module, "head_dim": self.head_dim, "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads, "mha": self.mha, "kv_of_head": list(self.kv_of_head),
+            "query": [m.to_json() for m in self.query], "kv": [m.to_json() for m in self.kv],
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "AttentionBlock":
+        return AttentionBlock(
+            d["module"], d["head_dim"], tuple(Member.from_json(m) for m in d["query"]),
+            tuple(Member.from_json(m) for m in d["kv"]), tuple(d["kv_of_head"]), d["mha"],
+        )
+
+
+@dataclass(frozen=True)
+class MlpBlock:
+    """Intermediate channels: producer rows (gate/up) tied to consumer columns (down)."""
+
+    module: str
+    members: tuple[Member, ...]
+
+    @property
+    def channels(self) -> int:
+        return len(self.members[0].index) if self.members else 0
+
+    def to_json(self) -> dict:
+        return {"module": self.module, "channels": self.channels, "members": [m.to_json() for m in self.members]}
+
+    @staticmethod
+    def from_json(d: dict) -> "MlpBlock":
+        return MlpBlock(d["module"], tuple(Member.from_json(m) for m in d["members"]))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    module: str
+    params: int  # all parameters of the decoder layer, prunable or not
+    attention: AttentionBlock | None
+    mlp: MlpBlock | None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index, "module": self.module, "params": self.params,
+            "attention": self.attention.to_json() if self.attention else None,
+            "mlp": self.mlp.to_json() if self.mlp else None,
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "LayerPlan":
+        return LayerPlan(
+            d["index"], d["module"], d["params"],
+            AttentionBlock.from_json(d["attention"]) if d["attention"] else None,
+            MlpBlock.from_json(d["mlp"]) if d["mlp"] else None,
+        )
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Everything removable, per decoder layer, plus the linears left alone and why."""
+
+    model_type: str
+    hidden_size: int
+    total_params: int
+    layers: tuple[LayerPlan, ...]
+    linears: tuple[LinearInfo, ...]
+    kept: tuple[tuple[str, str], ...] = field(default=())  # (linear module, why it is not prunable)
+    version: int = PLAN_VERSION
+
+    def linear(self, module: str) -> LinearInfo:
+        for info in self.linears:
+            if info.module == module:
+                return info
+        raise KeyError(module)
+
+    # -- parameter accounting -------------------------------------------------------------------------
+    def member_params(self, member: Member, group: int) -> int:
+        return self.linear(member.module).params(member.axis, len(member.index[group]))
+
+    def head_params(self, block: AttentionBlock, head: int) -> int:
+        """Parameters a query head's removal frees on its own (its q rows and o columns)."""
+        return sum(self.member_params(m, head) for m in block.query)
+
+    def kv_params(self, block: AttentionBlock, group: int) -> int:
+        return sum(self.member_params(m, group) for m in block.kv)
+
+    def channel_params(self, block: MlpBlock, channel: int) -> int:
+        return sum(self.member_params(m, channel) for m in block.members)
+
+    def layer_prunable_params(self, layer: LayerPlan) -> int:
+        total = 0
+        if layer.attention:
+            a = layer.attention
+            total += sum(self.head_params(a, h) for h in range(a.num_heads))
+            total += sum(self.kv_params(a, g) for g in range(a.num_kv_heads))
+        if layer.mlp:
+            total += sum(self.channel_params(layer.mlp, c) for c in range(layer.mlp.channels))
+        return total
+
+    @property
+    def decoder_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def prunable_params(self) -> int:
+        return sum(self.layer_prunable_params(layer) for layer in self.layers)
+
+    # -- JSON ------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "version": self.version, "model_type": self.model_type, "hidden_size": self.hidden_size,
+            "total_params": self.total_params, "decoder_params": self.decoder_params,
+            "prunable_params": self.prunable_params,
+            "layers": [layer.to_json() for layer in self.layers],
+            "linears": [vars(i) for i in self.linears],
+            "kept": [{"module": m, "why": why} for m, why in self.kept],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    @staticmethod
+    def from_json(d: dict) -> "GroupPlan":
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not {PLAN_VERSION}")
+        return GroupPlan(
+            d["model_type"], d["hidden_size"], d["total_params"],
+            tuple(LayerPlan.from_json(x) for x in d["layers"]),
+            tuple(LinearInfo(**x) for x in d["linears"]),
+            tuple((k["module"], k["why"]) for k in d["kept"]),
+        )

@@ -1,0 +1,1 @@
+"""Graph passes: capture (torch.export), group analysis, importance, selection and the shrinking rewrite."""

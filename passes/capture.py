@@ -1,0 +1,110 @@
+"""nn.Module -> Captured: a torch.export program (dynamic batch and sequence) with every linear tied to its module."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from gisp_fx.errors import GispError
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass(frozen=True)
+class LinearNode:
+    node: str  # node name in `Captured.module` (the unlifted graph)
+    module: str  # dotted name of the nn.Linear that ran it
+    weight: str  # dotted name of its weight parameter (differs from module when weights are tied)
+    bias: str | None
+
+
+@dataclass
+class Captured:
+    """The exported program plus the facts later passes need about the model it came from."""
+
+    program: ExportedProgram
+    module: torch.fx.GraphModule  # program.module(): parameters as attributes, linears as aten.linear
+    linears: tuple[LinearNode, ...]
+    model_type: str
+    hidden_size: int
+    param_numel: dict[str, int]  # every parameter (tied ones once), by dotted name
+    example: dict[str, torch.Tensor]
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids and a mask with one padded position: batch 2 so export does not pin batch to 1."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    mask[-1, -1] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@contextlib.contextmanager
+def capture_mode(model: torch.nn.Module):
+    """No KV cache and torch SDPA attention while tracing; both restored afterwards."""
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    saved = [(c, c.use_cache if hasattr(c, "use_cache") else None, c._attn_implementation) for c in configs]
+    try:
+        for c in configs:
+            if hasattr(c, "use_cache"):
+                c.use_cache = False
+            if c._attn_implementation != "gisp":  # the pruned-model attention wraps SDPA already
+                c._attn_implementation = "sdpa"
+        yield
+    finally:
+        for c, use_cache, impl in saved:
+            if use_cache is not None:
+                c.use_cache = use_cache
+            c._attn_implementation = impl
+
+
+def capture(model: torch.nn.Module, example: dict[str, torch.Tensor] | None = None) -> Captured:
+    """Export `model` (non-strict, dynamic batch and sequence) and tie each linear node to its module."""
+    example = example if example is not None else example_inputs(model)
+    batch, seq = Dim("batch", min=1), Dim("seq", min=1)
+    dynamic = {name: {0: batch, 1: seq} for name in example}
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_mode(model), torch.no_grad():
+            program = torch.export.export(model, (), dict(example), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean the same thing to the user
+        raise GispError(
+            f"capture: torch.export could not trace {type(model).__name__} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); gisp-fx needs a model that exports "
+            "non-strict with use_cache=False and SDPA attention"
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    linears = tuple(_linear_nodes(gm))
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), name)
+    param_numel = {name: p.numel() for name, p in model.named_parameters() if seen[id(p)] == name}
+    return Captured(
+        program=program, module=gm, linears=linears, model_type=model.config.model_type,
+        hidden_size=model.config.hidden_size, param_numel=param_numel, example=example,
+    )
+
+
+def _linear_nodes(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not LINEAR:
+            continue
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            raise GispError(f"capture: linear node '{node.name}' carries no nn_module_stack; cannot name its module")
+        module = list(stack.values())[-1][0]
+        weight = node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        yield LinearNode(
+            node=node.name, module=module, weight=str(weight.target),
+            bias=str(bias.target) if isinstance(bias, torch.fx.Node) else None,
+        )
