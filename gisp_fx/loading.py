@@ -114,12 +114,19 @@ def _is_gisp_folder(where: str) -> bool:
 
 
 def _require_causal_lm(spec: str, config) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "auto_map", None)
+    # BERT-like encoders also have an LM-head class for AutoModelForCausalLM, usable only as decoders
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if not causal or encoder or getattr(config, "is_encoder_decoder", False):
         raise GispError(
             f"model '{spec}': model_type '{config.model_type}' is not a causal language model "
-            "(transformers has no AutoModelForCausalLM class for it); gisp-fx prunes decoder-only causal LMs"
+            "(an encoder or encoder-decoder config); gisp-fx prunes decoder-only causal LMs such as Llama, "
+            "Mistral, Qwen, Gemma or Phi-3"
         )
 
 

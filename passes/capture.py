@@ -45,12 +45,20 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, seed: i
     return {"input_ids": ids, "attention_mask": mask}
 
 
+# Module attributes SDPA cannot express, switched off while tracing. Each is a scalar op on attention scores
+# inside one head, so no feature moves between heads or channels because of it: the groups do not change.
+TRACE_OFF = ("attn_logit_softcapping",)
+
+
 @contextlib.contextmanager
 def capture_mode(model: torch.nn.Module):
     """No KV cache and torch SDPA attention while tracing; both restored afterwards."""
     configs = [m.config for m in model.modules() if hasattr(m, "config")]
     saved = [(c, c.use_cache if hasattr(c, "use_cache") else None, c._attn_implementation) for c in configs]
+    switched = [(m, a, getattr(m, a)) for m in model.modules() for a in TRACE_OFF if getattr(m, a, None) is not None]
     try:
+        for m, a, _ in switched:
+            setattr(m, a, None)
         for c in configs:
             if hasattr(c, "use_cache"):
                 c.use_cache = False
@@ -58,6 +66,8 @@ def capture_mode(model: torch.nn.Module):
                 c._attn_implementation = "sdpa"
         yield
     finally:
+        for m, a, v in switched:
+            setattr(m, a, v)
         for c, use_cache, impl in saved:
             if use_cache is not None:
                 c.use_cache = use_cache

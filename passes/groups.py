@@ -92,6 +92,7 @@ class _Run:
     col_labels: dict[str, torch.Tensor | None] = field(default_factory=dict)  # linear node -> input label
     sdpas: list[_Sdpa] = field(default_factory=list)
     mixed: dict[int, str] = field(default_factory=dict)  # label -> node whose op mixed it beyond analysis
+    outputs: list[torch.Tensor] = field(default_factory=list)  # labels of the graph's outputs
 
 
 class _LabelInterpreter(torch.fx.Interpreter):
@@ -104,6 +105,11 @@ class _LabelInterpreter(torch.fx.Interpreter):
         value = super().run_node(n)
         if n.op == "call_function":
             self.labels[n] = self._label(n, value)
+        elif n.op == "output":
+            for arg in torch.utils._pytree.tree_leaves(n.args):
+                lab = self.labels.get(arg) if isinstance(arg, torch.fx.Node) else None
+                if isinstance(lab, torch.Tensor):
+                    self.run_state.outputs.append(lab)
         return value
 
     # -- helpers ----------------------------------------------------------------------------------------
@@ -146,6 +152,9 @@ class _LabelInterpreter(torch.fx.Interpreter):
             return ids.expand(value.shape)
         if n.target is SDPA:
             return self._sdpa(n, value)
+        if n.target is operator.getitem:
+            source = self.labels.get(n.args[0])
+            return source[n.args[1]] if isinstance(source, (list, tuple)) else None
         if not labelled:
             return None
         if n.target in NO_VALUE:
@@ -156,9 +165,6 @@ class _LabelInterpreter(torch.fx.Interpreter):
             args = self._swap(n.args, True)
             kwargs = {k: self._swap(v, True) for k, v in n.kwargs.items()}
             return n.target(*args, **kwargs)
-        if n.target is operator.getitem:
-            source = self.labels.get(n.args[0])
-            return source[n.args[1]] if isinstance(source, (list, tuple)) else None
         tags = getattr(n.target, "tags", ())
         if torch.Tag.pointwise in tags and isinstance(value, torch.Tensor):
             return self._pointwise(labelled, value)
@@ -355,22 +361,26 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
             blocks.append((first, module, MlpBlock(module, members)))
 
     kept, unplaced = [], []
-    output_roots = {r for roots in col_root.values() for r in roots if r is not None}
+    consumed = {r for roots in col_root.values() for r in roots if r is not None}
+    graph_out = set()
+    for lab in run.outputs:
+        ids = lab.reshape(-1).numpy()
+        graph_out.update(uf.find(ids[ids >= 0]).tolist())
     for ln in captured.linears:
         info = infos[ln.module]
         if covered[ln.module]:
             continue
-        if not set(int(r) for r in row_root[ln.node]) & output_roots:
-            kept.append((ln.module, "output projection: its outputs reach no other linear"))
+        rows = set(row_root[ln.node].tolist())
+        if rows <= graph_out and not rows & consumed and not rows & mixed_roots.keys():
+            kept.append((ln.module, "output projection: its outputs are the model's outputs"))
             continue
-        why = [where for r, where in mixed_roots.items()
-               if r in set(int(x) for x in row_root[ln.node]) or r in set(col_root[ln.node])]
-        unplaced.append(f"{ln.module} ({info.in_features}->{info.out_features})"
-                        + (f", mixed by {why[0]}" if why else ""))
+        unplaced.append(f"{ln.module} ({info.in_features}->{info.out_features})")
     if unplaced:
+        mixers = sorted(set(mixed_roots.values()))
         raise GispError(
-            "analysis: these linears could not be placed in a prunable group (their features feed ops this pass "
-            "does not model, or do not pair up with another linear): " + "; ".join(unplaced)
+            "analysis: these linears could not be placed in a prunable group: " + "; ".join(unplaced)
+            + (". Their features pass through ops this pass does not model: " + ", ".join(mixers) if mixers else
+               ". Their features do not pair up with another linear")
             + ". gisp-fx does not guess: report the architecture, or prune a model whose graph it understands."
         )
     if not blocks:

@@ -1,0 +1,43 @@
+"""gisp-fx command line: parses flags into configs and calls the pipeline; no torch logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gisp_fx.errors import GispError
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from gisp_fx.pipeline import inspect_model
+
+    print(inspect_model(args.model, as_json=args.json))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gisp-fx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show the prunable groups of a model, per layer")
+    p.add_argument("model", help="'smollm2' (bundled), a model folder, a .gguf file, or a hub id")
+    p.add_argument("--json", action="store_true", help="print the full group plan as JSON")
+    p.set_defaults(func=_inspect)
+
+    from gisp_fx.cli_compile import add_compile_commands
+
+    add_compile_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GispError as exc:
+        print(f"gisp-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
