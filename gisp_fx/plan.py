@@ -79,7 +79,10 @@ class AttentionBlock:
     query: tuple[Member, ...]
     kv: tuple[Member, ...]
     kv_of_head: tuple[int, ...]  # query head -> K/V group
-    mha: bool  # one query head per K/V group in the analysed model: a head's score includes its k/v rows
+    # One query head per K/V group in the *original* model: a head's score then includes its k/v rows. A fact about
+    # where the model came from, so it takes no part in comparing structures.
+    mha: bool = field(compare=False)
+    extra_params: int = 0  # parameters of the block outside every group (e.g. q/k norms): freed with the last head
 
     @property
     def num_heads(self) -> int:
@@ -94,13 +97,14 @@ class AttentionBlock:
             "module": self.module, "head_dim": self.head_dim, "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads, "mha": self.mha, "kv_of_head": list(self.kv_of_head),
             "query": [m.to_json() for m in self.query], "kv": [m.to_json() for m in self.kv],
+            "extra_params": self.extra_params,
         }
 
     @staticmethod
     def from_json(d: dict) -> "AttentionBlock":
         return AttentionBlock(
             d["module"], d["head_dim"], tuple(Member.from_json(m) for m in d["query"]),
-            tuple(Member.from_json(m) for m in d["kv"]), tuple(d["kv_of_head"]), d["mha"],
+            tuple(Member.from_json(m) for m in d["kv"]), tuple(d["kv_of_head"]), d["mha"], d["extra_params"],
         )
 
 
@@ -110,17 +114,19 @@ class MlpBlock:
 
     module: str
     members: tuple[Member, ...]
+    extra_params: int = 0  # parameters of the block outside every group: freed with the last channel
 
     @property
     def channels(self) -> int:
         return len(self.members[0].index) if self.members else 0
 
     def to_json(self) -> dict:
-        return {"module": self.module, "channels": self.channels, "members": [m.to_json() for m in self.members]}
+        return {"module": self.module, "channels": self.channels, "members": [m.to_json() for m in self.members],
+                "extra_params": self.extra_params}
 
     @staticmethod
     def from_json(d: dict) -> "MlpBlock":
-        return MlpBlock(d["module"], tuple(Member.from_json(m) for m in d["members"]))
+        return MlpBlock(d["module"], tuple(Member.from_json(m) for m in d["members"]), d["extra_params"])
 
 
 @dataclass(frozen=True)
@@ -221,3 +227,25 @@ class GroupPlan:
             tuple(LinearInfo(**x) for x in d["linears"]),
             tuple((k["module"], k["why"]) for k in d["kept"]),
         )
+
+
+class Kind(enum.Enum):
+    HEAD = "head"
+    CHANNEL = "channel"
+
+
+@dataclass(frozen=True)
+class GroupRef:
+    layer: int
+    kind: Kind
+    index: int  # in the plan the reference was made against
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Groups to remove in one step, weakest first, indexed against the plan they were selected from."""
+
+    removed: tuple[GroupRef, ...]
+
+    def of(self, layer: int, kind: Kind) -> set[int]:
+        return {g.index for g in self.removed if g.layer == layer and g.kind is kind}

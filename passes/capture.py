@@ -9,6 +9,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from gisp_fx.errors import GispError
+from gisp_fx.modeling_gisp import PREFIX, gisp_implementation
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -62,8 +63,9 @@ def capture_mode(model: torch.nn.Module):
         for c in configs:
             if hasattr(c, "use_cache"):
                 c.use_cache = False
-            if c._attn_implementation != "gisp":  # the pruned-model attention wraps SDPA already
-                c._attn_implementation = "sdpa"
+            # a pruned model's attention gathers K/V and then runs its base: trace it over SDPA
+            pruned = (c._attn_implementation or "").startswith(PREFIX)
+            c._attn_implementation = gisp_implementation("sdpa") if pruned else "sdpa"
         yield
     finally:
         for m, a, v in switched:

@@ -38,6 +38,9 @@ IDENTITY = {
     aten.dropout.default, aten.lift_fresh_copy.default,
 }
 NO_VALUE = {aten._assert_tensor_metadata.default}
+# Ops whose output does not depend on their input's values.
+CONSTANT_LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+                 aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default}
 
 
 class _UnionFind:
@@ -133,10 +136,12 @@ class _LabelInterpreter(torch.fx.Interpreter):
             return type(obj)(self._swap(o, fill_shape_from_value) for o in obj)
         if isinstance(obj, torch.fx.Node):
             value = self.env[obj]
-            if isinstance(value, torch.Tensor):
-                label = self.labels.get(obj)
-                return label if label is not None else torch.full(value.shape, -1, dtype=torch.int64)
-            return value
+            label = self.labels.get(obj)
+            if isinstance(label, torch.Tensor):
+                return label
+            if isinstance(value, torch.Tensor) and value.is_floating_point():  # unlabelled data
+                return torch.full(value.shape, -1, dtype=torch.int64)
+            return value  # sizes, and integer tensors used as indices
         return obj
 
     # -- the rules --------------------------------------------------------------------------------------
@@ -157,7 +162,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
             return source[n.args[1]] if isinstance(source, (list, tuple)) else None
         if not labelled:
             return None
-        if n.target in NO_VALUE:
+        if n.target in NO_VALUE or n.target in CONSTANT_LIKE:
             return None
         if n.target in IDENTITY:
             return labelled[0][2] if n.args and n.args[0] is labelled[0][0] else None
@@ -326,7 +331,8 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         kv = _members([list(rows_in(r)) for r in kv_unique], modules_of)
         if query is None or kv is None or any(list(cols_in(r)) for r in kv_unique):
             continue
-        block = AttentionBlock(sd.module, sd.head_dim, query, kv, tuple(kv_of_head), mha=len(kv_unique) == nq)
+        block = AttentionBlock(sd.module, sd.head_dim, query, kv, tuple(kv_of_head), mha=len(kv_unique) == nq,
+                               extra_params=_extra_params(captured, sd.module, query + kv))
         for m in query + kv:
             covered[m.module].add(m.axis)
         claimed.update(head_roots, kv_unique)
@@ -358,7 +364,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
                 covered[m.module].add(m.axis)
             claimed.update(roots)
             first = min(order[n] for n, ln in by_node.items() if ln.module in producers | {modules_of[node]})
-            blocks.append((first, module, MlpBlock(module, members)))
+            blocks.append((first, module, MlpBlock(module, members, _extra_params(captured, module, members))))
 
     kept, unplaced = [], []
     consumed = {r for roots in col_root.values() for r in roots if r is not None}
@@ -390,6 +396,13 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         total_params=sum(captured.param_numel.values()),
         layers=_layers(blocks, captured), linears=tuple(infos.values()), kept=tuple(kept),
     )
+
+
+def _extra_params(captured: Captured, block: str, members) -> int:
+    """Parameters under `block` that belong to none of its member linears (norms inside attention, say)."""
+    linears = {m.module for m in members}
+    return sum(n for name, n in captured.param_numel.items()
+               if name.startswith(block + ".") and name.rsplit(".", 1)[0] not in linears)
 
 
 def _members(groups: list[list[tuple]], modules_of: dict[str, str]) -> tuple[Member, ...] | None:

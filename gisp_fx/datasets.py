@@ -1,0 +1,132 @@
+"""Bundled data (checksummed) -> token tensors: LM calibration windows, WikiText-2 test text, MC items."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from gisp_fx.errors import GispError
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@lru_cache(maxsize=None)
+def _checksums() -> dict[str, str]:
+    sums = {}
+    for line in (DATA_DIR / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        sums[name.removeprefix("./")] = digest
+    return sums
+
+
+@lru_cache(maxsize=None)
+def data_file(relative: str) -> Path:
+    """Path of a bundled data file after checking it against SHA256SUMS."""
+    path = DATA_DIR / relative
+    expected = _checksums().get(relative)
+    if expected is None or not path.is_file():
+        raise GispError(f"data: bundled file '{relative}' is missing from {DATA_DIR}; reinstall gisp-fx")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise GispError(f"data: '{path}' fails its checksum (sha256 {digest[:12]}..., expected {expected[:12]}...); "
+                        "the file was changed or damaged: reinstall gisp-fx or restore it with git")
+    return path
+
+
+def wikitext2_test_text() -> str:
+    """The Hugging Face wikitext-2-raw-v1 test split joined with blank lines, as pruning papers evaluate it."""
+    rows = [json.loads(line)["text"] for line in data_file("wikitext2/wiki.test.hf_rows.jsonl").open()]
+    return "\n\n".join(rows)
+
+
+def wikitext2_train_text() -> str:
+    """The bundled 1 MB prefix of WikiText-2 train, its cut-off last line dropped."""
+    text = data_file("wikitext2/wiki.train.raw.head1M.txt").read_text(encoding="utf-8")
+    return text[: text.rstrip("\n").rfind("\n") + 1]
+
+
+def lm_windows(tokenizer, text: str, n: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
+    """`n` distinct non-overlapping `seq_len`-token windows of `text`, drawn with `seed`: LongTensor [n, seq_len]."""
+    if n <= 0 or seq_len <= 1:
+        raise GispError(f"calibration: need at least 1 sample of at least 2 tokens, got {n} x {seq_len}")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    available = ids.numel() // seq_len
+    if available < n:
+        raise GispError(
+            f"calibration: {source} has {ids.numel():,} tokens, {available} windows of {seq_len}; "
+            f"{n} were requested. Give fewer --calib-samples, a shorter --seq-len, or a longer --calib file"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(available, generator=gen)[:n].sort().values
+    return ids[: available * seq_len].view(available, seq_len)[pick]
+
+
+# -- multiple choice: prompt formats of lm-evaluation-harness's tasks ------------------------------------------
+@dataclass(frozen=True)
+class McItem:
+    """One question: per option, the context and the continuation whose log-likelihood is scored."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    label: int
+
+
+def _arc(row) -> McItem:
+    ctx = f"Question: {row['question']}\nAnswer:"
+    return McItem((ctx,) * len(row["choices"]), tuple(" " + c for c in row["choices"]), row["label"])
+
+
+def _openbookqa(row) -> McItem:
+    return McItem((row["question"],) * len(row["choices"]), tuple(" " + c for c in row["choices"]), row["label"])
+
+
+def _winogrande(row) -> McItem:
+    # lm-eval "partial evaluation": the option fills the blank in the context, the rest is the scored continuation
+    sentence = row["question"]
+    cut = sentence.index("_")
+    continuation = " " + sentence[cut + 1 :].strip()
+    contexts = tuple(sentence[:cut] + option for option in row["choices"])
+    return McItem(contexts, (continuation,) * len(contexts), row["label"])
+
+
+def _piqa(row) -> McItem:
+    ctx = f"Question: {row['question']}\nAnswer:"
+    return McItem((ctx,) * len(row["choices"]), tuple(" " + c for c in row["choices"]), row["label"])
+
+
+def _boolq(row) -> McItem:
+    ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+    return McItem((ctx, ctx), (" no", " yes"), row["label"])
+
+
+def _hellaswag(row) -> McItem:
+    return McItem((row["question"],) * len(row["choices"]), tuple(" " + c for c in row["choices"]), row["label"])
+
+
+# task -> (formatter, bundled training file or None)
+MC_TASKS = {
+    "arc_easy": (_arc, "arc_easy/train.jsonl"),
+    "arc_challenge": (_arc, "arc_challenge/train.jsonl"),
+    "openbookqa": (_openbookqa, "openbookqa/train.jsonl"),
+    "winogrande": (_winogrande, "winogrande/train_m.jsonl"),
+    "piqa": (_piqa, None),
+    "boolq": (_boolq, None),
+    "hellaswag": (_hellaswag, None),
+}
+
+
+def mc_train_items(task: str) -> list[McItem]:
+    """The training split of a multiple-choice task, formatted; only tasks with a bundled training split."""
+    if task not in MC_TASKS:
+        raise GispError(f"tasks: unknown task '{task}'; known multiple-choice tasks: {', '.join(MC_TASKS)}")
+    fmt, train = MC_TASKS[task]
+    if train is None:
+        have = [t for t, (_, f) in MC_TASKS.items() if f]
+        raise GispError(f"tasks: '{task}' has no bundled training split to calibrate on (its public train file "
+                        f"could not be obtained offline); calibrate with: {', '.join(have)}")
+    return [fmt(json.loads(line)) for line in data_file(train).open(encoding="utf-8")]

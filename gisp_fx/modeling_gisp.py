@@ -1,0 +1,142 @@
+"""Runtime support for models pruned by gisp-fx; copied next to every saved model and named in its auto_map.
+
+Self-contained on purpose (torch + transformers only), so `from_pretrained(DIR, trust_remote_code=True)` needs no
+gisp-fx. `config.gisp` records the pruned structure; `apply_structure_` rebuilds it on a freshly built model.
+Query heads may share K/V heads unevenly after pruning, so K/V heads are gathered per query head through an
+explicit index map instead of `repeat_kv`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# Attributes attention modules of different architectures use for head counts; set on every pruned module.
+QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
+INTERMEDIATE_ATTRS = ("intermediate_size",)
+PREFIX = "gisp_"
+
+
+def gisp_implementation(base: str) -> str:
+    """Register (once) and return the attention implementation 'gisp_<base>': K/V gathered, then `base`.
+
+    The mask function is the base's own, so padded batches are masked exactly as the base model masks them.
+    """
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            kv_map = getattr(module, "gisp_kv_map", None)
+            if kv_map is not None:  # each query head reads its own K/V head: uneven groups are fine
+                key = key.index_select(1, kv_map)
+                value = value.index_select(1, kv_map)
+            if base == "eager":
+                fn = sys.modules[type(module).__module__].eager_attention_forward
+            else:
+                fn = ALL_ATTENTION_FUNCTIONS[base]
+            return fn(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def base_implementation(name: str | None) -> str:
+    """The implementation a (possibly gisp_-wrapped) name runs underneath."""
+    name = name or "sdpa"
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+gisp_implementation("sdpa")
+gisp_implementation("eager")
+
+
+class EmptyBlock(nn.Module):
+    """An attention or MLP block whose every group was pruned: it adds only its output bias (if it had one)."""
+
+    def __init__(self, hidden_size: int, bias: bool, returns_tuple: bool):
+        super().__init__()
+        self.out_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        if self.out_bias is not None:
+            out = out + self.out_bias
+        return (out, None) if self.returns_tuple else out
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_structure_(model: nn.Module, structure: dict) -> None:
+    """Give `model` the pruned shapes in `structure` (config.gisp); weights are whatever the caller loads next."""
+    for name, (in_f, out_f, bias) in structure["linears"].items():
+        old = model.get_submodule(name)
+        if (old.in_features, old.out_features) != (in_f, out_f):
+            new = nn.Linear(in_f, out_f, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+            _set_module(model, name, new)
+    for name, info in structure["attention"].items():
+        configure_attention_(model.get_submodule(name), info["num_heads"], info["num_kv_heads"], info["kv_map"])
+    for name, channels in structure["mlp"].items():
+        module = model.get_submodule(name)
+        for attr in INTERMEDIATE_ATTRS:
+            if hasattr(module, attr):
+                setattr(module, attr, channels)
+    for name, info in structure["empty"].items():
+        _set_module(model, name, EmptyBlock(info["hidden_size"], info["bias"], info["kind"] == "attention"))
+    set_attention_impl_(model, structure["base_attention"])
+
+
+def configure_attention_(module: nn.Module, num_heads: int, num_kv_heads: int, kv_map: list[int]) -> None:
+    for attr in QUERY_HEAD_ATTRS:
+        if hasattr(module, attr):
+            setattr(module, attr, num_heads)
+    for attr in KV_HEAD_ATTRS:
+        if hasattr(module, attr):
+            setattr(module, attr, num_kv_heads)
+    if hasattr(module, "num_key_value_groups"):
+        module.num_key_value_groups = 1  # K/V arrive already gathered per query head
+    if hasattr(module, "config"):  # some forwards read head counts from the config: give this module its own
+        module.config = copy.copy(module.config)
+        module.config.num_attention_heads = num_heads
+        module.config.num_key_value_heads = num_kv_heads
+    device = next(module.parameters()).device
+    module.register_buffer("gisp_kv_map", torch.tensor(kv_map, dtype=torch.long, device=device), persistent=False)
+
+
+def set_attention_impl_(model: nn.Module, base: str) -> None:
+    name = gisp_implementation(base)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+class GispMixin:
+    """Mixed into the base architecture's *ForCausalLM class in each saved model's modeling file."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        apply_structure_(self, config.gisp)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            raise ValueError(
+                f"pruned model: weights missing ({sorted(info.get('missing_keys', []))[:5]}) or of the wrong shape "
+                f"({list(info.get('mismatched_keys', []))[:5]}); the folder's safetensors do not match config.gisp"
+            )
+        set_attention_impl_(model, model.config.gisp["base_attention"])
+        return (model, info) if want_info else model
