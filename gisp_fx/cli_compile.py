@@ -1,7 +1,104 @@
-"""Flags of `gisp-fx compile` and `gisp-fx materialize` (filled in with the compile pipeline)."""
+"""Flags of `gisp-fx compile`, `materialize` and `eval`: parsed into configs, then handed to the pipeline."""
 
 from __future__ import annotations
 
+import argparse
+
+from gisp_fx.errors import GispError
+
+
+def _windows(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got '{value}'") from exc
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got '{value}'")
+    return n
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from gisp_fx.config import CompileConfig
+    from gisp_fx.pipeline import compile_model
+
+    output = args.output or f"runs/{args.model.rstrip('/').split('/')[-1]}-gisp-{round(100 * args.sparsity)}"
+    config = CompileConfig(
+        model=args.model, sparsity=args.sparsity, output=output, objective=args.objective,
+        tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+        oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
+        eval_windows=args.eval_windows,
+    )
+    result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
+    r = result.report
+    print(f"\npruned {r['model']}: {r['params']['before']:,} -> {r['params']['after']:,} parameters, "
+          f"{100 * r['sparsity']['measured']:.2f} % decoder sparsity; WikiText-2 ppl "
+          f"{r['perplexity']['before']:.2f} -> {r['perplexity']['after']:.2f} ({r['perplexity']['windows']} windows)")
+    print(f"model, trajectory and report: {result.output}/  (report: {result.output}/report.md)")
+
+
+def _materialize(args: argparse.Namespace) -> None:
+    from gisp_fx.pipeline import materialize
+
+    if (args.sparsity is None) == (args.step is None):
+        raise GispError("materialize: give exactly one of --sparsity or --step")
+    _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
+                                   overwrite=args.overwrite)
+    print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from gisp_fx.evaluate import wikitext2_perplexity
+    from gisp_fx.loading import load_model
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t != "wikitext2"]
+    if unknown:
+        raise GispError(f"eval: unknown task(s) {', '.join(unknown)}; known: wikitext2")
+    loaded = load_model(args.model)
+    ppl = wikitext2_perplexity(loaded.model, loaded.tokenizer, args.seq_len, args.windows, args.batch_size)
+    print(f"wikitext2 perplexity ({args.seq_len}-token windows, {ppl.subset}): {ppl.ppl:.3f}")
+
 
 def add_compile_commands(sub) -> None:
-    return None
+    p = sub.add_parser("compile", help="prune a model with GISP to a target sparsity")
+    p.add_argument("model", help="'smollm2' (bundled), a model folder, a .gguf file, or a hub id")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="target decoder-layer parameter sparsity in (0, 0.95], measured")
+    p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
+    p.add_argument("--tasks", help="margin objective: comma-separated tasks, e.g. arc_easy,arc_challenge")
+    p.add_argument("--calib", help="plain-text calibration file (ppl objective); default: bundled WikiText-2 train")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="iterative steps (default 8)")
+    p.add_argument("--oneshot", action="store_true", help="one step at the target sparsity")
+    p.add_argument("--normalize", default="reference", choices=["reference", "params", "none"],
+                   help="block-wise score normalisation (default: the reference's constants)")
+    p.add_argument("--protect", help="layers never pruned: 'none' or e.g. '0,1,29' (default: first 10 %% and last)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=_windows, default=256,
+                   help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
+                        "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
+    p.add_argument("--output", help="output folder (default runs/<model>-gisp-<percent>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("materialize", help="rebuild the model at any sparsity of a run's trajectory")
+    p.add_argument("run_dir")
+    p.add_argument("--sparsity", type=float)
+    p.add_argument("--step", type=int)
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_materialize)
+
+    p = sub.add_parser("eval", help="evaluate a model or pruned folder (WikiText-2 perplexity)")
+    p.add_argument("model")
+    p.add_argument("--tasks", default="wikitext2")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--windows", type=_windows, default=None, help="a number of evenly spaced windows, or all")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_eval)

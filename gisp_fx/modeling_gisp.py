@@ -33,10 +33,10 @@ def gisp_implementation(base: str) -> str:
     if name not in ALL_ATTENTION_FUNCTIONS:
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            kv_map = getattr(module, "gisp_kv_map", None)
-            if kv_map is not None:  # each query head reads its own K/V head: uneven groups are fine
-                key = key.index_select(1, kv_map)
-                value = value.index_select(1, kv_map)
+            if getattr(module, "gisp_kv_map", None) is not None:  # each query head reads its K/V head
+                index = _kv_index(module, key.device)
+                key = key.index_select(1, index)
+                value = value.index_select(1, index)
             if base == "eager":
                 fn = sys.modules[type(module).__module__].eager_attention_forward
             else:
@@ -46,6 +46,16 @@ def gisp_implementation(base: str) -> str:
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+def _kv_index(module: nn.Module, device: torch.device) -> torch.Tensor:
+    # A plain cached attribute, not a buffer: from_pretrained builds modules on the meta device and would leave a
+    # non-persistent buffer uninitialised.
+    cached = module.__dict__.get("_gisp_kv_index")
+    if cached is None or cached.device != device:
+        cached = torch.tensor(module.gisp_kv_map, dtype=torch.long, device=device)
+        module.__dict__["_gisp_kv_index"] = cached
+    return cached
 
 
 def base_implementation(name: str | None) -> str:
@@ -110,8 +120,8 @@ def configure_attention_(module: nn.Module, num_heads: int, num_kv_heads: int, k
         module.config = copy.copy(module.config)
         module.config.num_attention_heads = num_heads
         module.config.num_key_value_heads = num_kv_heads
-    device = next(module.parameters()).device
-    module.register_buffer("gisp_kv_map", torch.tensor(kv_map, dtype=torch.long, device=device), persistent=False)
+    module.gisp_kv_map = tuple(kv_map)
+    module.__dict__.pop("_gisp_kv_index", None)
 
 
 def set_attention_impl_(model: nn.Module, base: str) -> None:

@@ -1,8 +1,25 @@
-"""The orchestrator: load -> capture -> analyse -> score -> plan -> rewrite -> report, one stage after another."""
+"""The orchestrator: load -> capture -> analyse -> score -> select -> shrink (repeat) -> verify -> save -> report."""
 
 from __future__ import annotations
 
-from gisp_fx.plan import GroupPlan
+import json
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gisp_fx.config import CompileConfig
+from gisp_fx.errors import GispError
+from gisp_fx.plan import GroupPlan, GroupRef, Kind, Selection
+
+TRAJECTORY_DIR = "trajectory"
+TOLERANCE = 0.004  # the run stops within this fraction of decoder parameters above the target sparsity
 
 
 def analyse(model) -> GroupPlan:
@@ -19,3 +36,267 @@ def inspect_model(spec: str, as_json: bool = False) -> str:
 
     plan = analyse(load_model(spec).model)
     return plan.dumps() if as_json else format_plan(plan)
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+def build_calibration(config: CompileConfig, tokenizer):
+    from gisp_fx.datasets import lm_windows, wikitext2_train_text
+    from gisp_fx.passes.importance import LmCalibration
+
+    if config.objective == "margin":
+        return _margin_calibration(config, tokenizer)
+    if config.calib:
+        path = Path(config.calib)
+        if not path.is_file():
+            raise GispError(f"--calib: no such file '{path}'")
+        text, source = path.read_text(encoding="utf-8"), f"calibration file '{path}'"
+    else:
+        text, source = wikitext2_train_text(), "the bundled WikiText-2 train text"
+    ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source)
+    return LmCalibration(ids, config.batch_size)
+
+
+def _margin_calibration(config: CompileConfig, tokenizer):
+    """`calib_samples` questions drawn evenly across the tasks' training splits; one sequence per option."""
+    import random
+
+    from gisp_fx.datasets import mc_train_items
+    from gisp_fx.passes.importance import MarginCalibration, McSequence
+
+    per_task = {t: mc_train_items(t) for t in config.tasks}
+    rng = random.Random(config.seed)
+    share = [config.calib_samples // len(per_task) + (i < config.calib_samples % len(per_task))
+             for i in range(len(per_task))]
+    sequences = []
+    for (task, items), n in zip(per_task.items(), share):
+        if n > len(items):
+            raise GispError(f"calibration: task '{task}' has {len(items)} training questions, {n} were requested")
+        for item in rng.sample(items, n):
+            for i, (ctx, cont) in enumerate(zip(item.contexts, item.continuations)):
+                ctx_ids = tokenizer(ctx).input_ids
+                whole = tokenizer(ctx + cont).input_ids
+                option = len(whole) - len(ctx_ids)
+                if option < 1:
+                    continue
+                whole = whole[-config.seq_len :]
+                sequences.append(McSequence(tuple(whole), min(option, len(whole) - 1), i == item.label))
+    return MarginCalibration(tuple(sequences), tokenizer.pad_token_id, config.batch_size)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileResult:
+    output: Path
+    report: dict
+
+
+class _Alive:
+    """Original indices of the groups still in the model, per layer: maps current plan indices back."""
+
+    def __init__(self, plan: GroupPlan):
+        self.heads = [list(range(l.attention.num_heads)) if l.attention else [] for l in plan.layers]
+        self.channels = [list(range(l.mlp.channels)) if l.mlp else [] for l in plan.layers]
+
+    def original(self, ref: GroupRef) -> GroupRef:
+        ids = self.heads if ref.kind is Kind.HEAD else self.channels
+        return GroupRef(ref.layer, ref.kind, ids[ref.layer][ref.index])
+
+    def current(self, ref: GroupRef) -> GroupRef:
+        ids = self.heads if ref.kind is Kind.HEAD else self.channels
+        return GroupRef(ref.layer, ref.kind, ids[ref.layer].index(ref.index))
+
+    def remove(self, refs) -> None:
+        for ref in refs:
+            (self.heads if ref.kind is Kind.HEAD else self.channels)[ref.layer].remove(ref.index)
+
+
+def replay_(model, plan0: GroupPlan, removed: tuple[GroupRef, ...]) -> tuple[GroupPlan, _Alive]:
+    """Remove groups given by ORIGINAL indices from a fresh model, in one shrink."""
+    from gisp_fx.passes.shrink import shrink_
+
+    alive = _Alive(plan0)
+    if not removed:
+        return plan0, alive
+    plan = shrink_(model, plan0, Selection(tuple(removed)))
+    alive.remove(removed)
+    return plan, alive
+
+
+def _prepare_output(config: CompileConfig, overwrite: bool, resume: bool) -> tuple[Path, Path]:
+    final = Path(config.output)
+    partial = final.with_name(final.name + ".partial")
+    if final.exists() and not overwrite:
+        raise GispError(f"--output '{final}' exists; pass --overwrite to replace it, or choose another folder")
+    if resume:
+        if not (partial / TRAJECTORY_DIR / "trajectory.json").is_file():
+            raise GispError(f"--resume: no unfinished run at '{partial}' (nothing to continue); run without --resume")
+    elif partial.exists():
+        tqdm.write(f"discarding the unfinished run in '{partial}' (pass --resume to continue it instead)")
+        shutil.rmtree(partial)
+    return final, partial
+
+
+def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: bool = False, calibration=None,
+                  on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True,
+                  loaded=None) -> CompileResult:
+    """Prune `config.model` to `config.sparsity` with GISP; write the pruned model, trajectory and report."""
+    from gisp_fx.evaluate import wikitext2_perplexity
+    from gisp_fx.loading import load_model
+    from gisp_fx.passes.importance import score
+    from gisp_fx.passes.select import Normalize, groups_to_reach, parse_protect, rank, select
+    from gisp_fx.passes.shrink import shrink_
+    from gisp_fx.trajectory import Step, Trajectory, scores_table
+
+    config.validate()
+    started = time.perf_counter()
+    final, partial = _prepare_output(config, overwrite, resume)
+    loaded = loaded or load_model(config.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    plan0 = analyse(model)
+    calib = calibration if calibration is not None else build_calibration(config, tokenizer)
+    protect = parse_protect(config.protect, len(plan0.layers))
+    normalize = Normalize(config.normalize)
+    target_removed = math.ceil(config.sparsity * plan0.decoder_params)
+
+    traj_dir = partial / TRAJECTORY_DIR
+    if resume:
+        traj = Trajectory.load(traj_dir)
+        differ = CompileConfig.from_json(traj.config).same_run(config)
+        if differ:
+            raise GispError(f"--resume: the unfinished run in '{partial}' used other settings ({', '.join(differ)}); "
+                            "resume with the same settings or start afresh without --resume")
+        if traj.plan != plan0:
+            raise GispError(f"--resume: the model '{config.model}' is not the one the unfinished run started from")
+        plan, alive = replay_(model, plan0, traj.removed_until(len(traj.steps)))
+    else:
+        traj = Trajectory({**config.to_json(), "groups_per_step": None}, plan0)
+        plan, alive = plan0, _Alive(plan0)
+
+    dense_path = partial / "dense_ppl.json"
+    if dense_path.is_file():
+        before = json.loads(dense_path.read_text())
+    else:
+        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl")
+        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len}
+        partial.mkdir(parents=True, exist_ok=True)
+        dense_path.write_text(json.dumps(before))
+
+    removed_params = plan0.decoder_params - plan.decoder_params
+    bar = tqdm(total=config.schedule_steps, initial=len(traj.steps), desc="pruning", unit="step",
+               disable=not progress)
+    while removed_params < target_removed:
+        t = len(traj.steps) + 1
+        t0 = time.perf_counter()
+        try:
+            scores = score(model, plan, calib, progress=progress, desc=f"step {t} gradients")
+        except FloatingPointError as exc:
+            raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
+                            f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
+        ranked = rank(plan, scores, normalize, plan0, protect)
+        if not ranked:
+            raise GispError(f"step {t}: every unprotected group is gone at sparsity "
+                            f"{removed_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot be "
+                            "reached with these protected layers (see --protect)")
+        if traj.config.get("groups_per_step") is None:
+            needed = groups_to_reach(plan, ranked, target_removed - removed_params)
+            traj.config["groups_per_step"] = None if config.oneshot else math.ceil(needed / config.schedule_steps)
+        selection = select(plan, ranked, traj.config["groups_per_step"], target_removed - removed_params,
+                           params_cap=target_removed - removed_params + math.floor(TOLERANCE * plan0.decoder_params))
+        original = tuple(alive.original(ref) for ref in selection.removed)
+        for name, values in (("heads", scores.heads), ("channels", scores.channels)):
+            traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
+        plan = shrink_(model, plan, selection)
+        alive.remove(original)
+        removed_params = plan0.decoder_params - plan.decoder_params
+        sparsity = removed_params / plan0.decoder_params
+        step = Step(t, tuple((r.layer, r.kind.value, r.index) for r in original), sparsity, plan.decoder_params,
+                    plan.total_params, scores.loss, time.perf_counter() - t0)
+        traj.steps.append(step)
+        traj.save(traj_dir)
+        heads = sum(r.kind is Kind.HEAD for r in original)
+        tqdm.write(f"step {t}: removed {len(original)} groups ({heads} heads, {len(original) - heads} channels), "
+                   f"sparsity {100 * sparsity:.1f} %, calibration loss {scores.loss:.3f}, {step.wall_s:.1f} s")
+        bar.total = max(bar.total, t)
+        bar.update(1)
+        if on_step is not None:
+            on_step(t, model)
+    bar.close()
+
+    recaptured = analyse(model)  # the verifier: the shrunk model's own graph must give the predicted plan
+    if recaptured != plan:
+        raise GispError("verify: the re-captured graph of the pruned model disagrees with the rewrite's plan; "
+                        "this is a gisp-fx bug, please report it with the model and settings")
+    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
+    return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
+
+
+def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started) -> CompileResult:
+    from gisp_fx.report import write_report
+    from gisp_fx.save import save_pruned
+
+    save_pruned(model, tokenizer, partial)
+    (partial / "dense_ppl.json").unlink(missing_ok=True)
+    report = write_report(partial, config, plan0, plan, traj, before,
+                          {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len},
+                          wall_s=time.perf_counter() - started,
+                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.replace(final)
+    return CompileResult(final, report)
+
+
+# -- materialize -------------------------------------------------------------------------------------------------
+def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
+                overwrite: bool = False, loaded=None):
+    """Rebuild the model at a sparsity (or step) of a run's trajectory from the original weights; no gradients."""
+    from gisp_fx.loading import load_model
+    from gisp_fx.save import save_pruned
+    from gisp_fx.trajectory import Trajectory
+
+    run = Path(run_dir)
+    if not (run / TRAJECTORY_DIR / "trajectory.json").is_file():
+        raise GispError(f"materialize: '{run}' holds no {TRAJECTORY_DIR}/trajectory.json; give a folder written by "
+                        "`gisp-fx compile`")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
+    traj = Trajectory.load(run / TRAJECTORY_DIR)
+    removed = _removals_for(traj, sparsity, step)
+    loaded = loaded or load_model(traj.config["model"])
+    plan0 = analyse(loaded.model)
+    if plan0 != traj.plan:
+        raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
+    plan, _ = replay_(loaded.model, plan0, removed)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pruned(loaded.model, loaded.tokenizer, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return loaded.model, plan, 1 - plan.decoder_params / plan0.decoder_params
+
+
+def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[GroupRef, ...]:
+    """The removal-order prefix that reaches `sparsity`, or everything up to `step`."""
+    from gisp_fx.passes.select import _Freed
+
+    if step is not None:
+        if not 0 <= step <= len(traj.steps):
+            raise GispError(f"materialize: --step must be in 0..{len(traj.steps)}, got {step}")
+        return traj.removed_until(step)
+    for s in traj.steps:
+        if sparsity is not None and abs(s.sparsity - sparsity) < 1e-9:
+            return traj.removed_until(s.step)
+    final = traj.steps[-1].sparsity if traj.steps else 0.0
+    if sparsity is None or not 0 <= sparsity <= final + 1e-9:
+        raise GispError(f"materialize: --sparsity must be in [0, {final:.4f}] (this trajectory's range), got {sparsity}")
+    target = math.ceil(sparsity * traj.plan.decoder_params - 1e-6)
+    # walk the recorded order; parameters freed are counted on the original plan, as the run counted them
+    prefix, freed, counter = [], 0, _Freed(traj.plan)
+    for ref in traj.removed_until(len(traj.steps)):
+        if freed >= target:
+            break
+        freed += counter.remove(ref)
+        prefix.append(ref)
+    return tuple(prefix)

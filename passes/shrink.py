@@ -102,6 +102,8 @@ def restrict(plan: GroupPlan, selection: Selection) -> Rewrite:
 
     linears = []
     for info in plan.linears:
+        if any(info.module.startswith(block + ".") for block in empty):
+            continue  # the whole block is replaced by an EmptyBlock: its linears leave the model
         rows = keep.get((info.module, Axis.ROWS))
         cols = keep.get((info.module, Axis.COLS))
         linears.append(LinearInfo(info.module, len(cols) if cols is not None else info.in_features,

@@ -1,0 +1,58 @@
+"""(model, tokenizer) -> WikiText-2 perplexity: non-overlapping windows of the test split, batched."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gisp_fx.datasets import wikitext2_test_text
+from gisp_fx.errors import GispError
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    windows: int  # windows evaluated
+    total_windows: int  # windows in the split
+    seq_len: int
+
+    @property
+    def subset(self) -> str:
+        return "all" if self.windows == self.total_windows else f"{self.windows} of {self.total_windows}"
+
+
+def window_ids(tokenizer, seq_len: int) -> torch.Tensor:
+    ids = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[0]
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def evenly_spaced(total: int, count: int | None) -> np.ndarray:
+    """`count` window indices spread evenly over `total` (all of them when count is None or too large)."""
+    if count is None or count >= total:
+        return np.arange(total)
+    if count <= 0:
+        raise GispError(f"perplexity: the number of windows must be positive, got {count}")
+    return np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
+
+
+def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | None = None, batch_size: int = 16,
+                         progress: bool = True, desc: str = "wikitext2 ppl") -> Perplexity:
+    """exp(mean over windows of the mean next-token NLL): the protocol of the GISP / Wanda / SparseGPT papers."""
+    all_windows = window_ids(tokenizer, seq_len)
+    pick = evenly_spaced(len(all_windows), windows)
+    data = all_windows[torch.from_numpy(pick)]
+    device = next(model.parameters()).device
+    nll_sum = 0.0
+    model.eval()
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(data), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
+            x = data[i : i + batch_size].to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            nll_sum += nll.mean(1).sum().item()
+    return Perplexity(math.exp(nll_sum / len(data)), len(data), len(all_windows), seq_len)

@@ -1,0 +1,104 @@
+"""A finished run -> report.json, report.md and kept_per_layer.png in its output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gisp_fx.config import CompileConfig
+from gisp_fx.plan import GroupPlan
+
+PNG = "kept_per_layer.png"
+
+
+def layer_rows(plan0: GroupPlan, plan: GroupPlan) -> list[dict]:
+    rows = []
+    for first, now in zip(plan0.layers, plan.layers):
+        a0, a, m0, m = first.attention, now.attention, first.mlp, now.mlp
+        rows.append({
+            "layer": first.index, "module": first.module,
+            "heads": [a.num_heads if a else 0, a0.num_heads if a0 else 0],
+            "kv_heads": [a.num_kv_heads if a else 0, a0.num_kv_heads if a0 else 0],
+            "channels": [m.channels if m else 0, m0.channels if m0 else 0],
+            "params": [now.params, first.params],
+        })
+    return rows
+
+
+def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: GroupPlan, traj, before: dict,
+                 after: dict, wall_s: float, peak_rss_mb: float) -> dict:
+    sparsity = 1 - plan.decoder_params / plan0.decoder_params
+    steps = [{"step": s.step, "groups": len(s.removed), "heads": sum(r[1] == "head" for r in s.removed),
+              "channels": sum(r[1] == "channel" for r in s.removed), "sparsity": s.sparsity, "loss": s.loss,
+              "wall_s": s.wall_s} for s in traj.steps]
+    report = {
+        "model": config.model, "method": "gisp-oneshot" if config.oneshot else "gisp", "config": config.to_json(),
+        "groups_per_step": traj.config.get("groups_per_step"),
+        "params": {"before": plan0.total_params, "after": plan.total_params,
+                   "decoder_before": plan0.decoder_params, "decoder_after": plan.decoder_params},
+        "sparsity": {"target": config.sparsity, "measured": sparsity,
+                     "of_all_params": 1 - plan.total_params / plan0.total_params},
+        "perplexity": {"dataset": "wikitext2 test", "seq_len": before["seq_len"], "windows": before["windows"],
+                       "before": before["ppl"], "after": after["ppl"]},
+        "layers": layer_rows(plan0, plan), "steps": steps,
+        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb,
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    (folder / "report.md").write_text(_markdown(report))
+    plot_kept(report["layers"], folder / PNG, f"{config.model}: {100 * sparsity:.1f} % decoder sparsity")
+    return report
+
+
+def _markdown(r: dict) -> str:
+    p, s, ppl = r["params"], r["sparsity"], r["perplexity"]
+    lines = [
+        f"# gisp-fx report: {r['model']} ({r['method']})", "",
+        "| | before | after |", "|---|---:|---:|",
+        f"| parameters | {p['before']:,} | {p['after']:,} |",
+        f"| decoder-layer parameters | {p['decoder_before']:,} | {p['decoder_after']:,} |",
+        f"| WikiText-2 perplexity ({ppl['seq_len']}-token windows, {ppl['windows']}) | {ppl['before']:.2f} | "
+        f"{ppl['after']:.2f} |", "",
+        f"Measured decoder-layer sparsity **{100 * s['measured']:.2f} %** (target {100 * s['target']:.1f} %; "
+        f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
+        f"{r['groups_per_step'] or 'all'} groups per step; wall time {r['wall_s']:.0f} s, "
+        f"peak memory {r['peak_rss_mb']:.0f} MB.", "",
+        f"![kept per layer]({PNG})", "",
+        "## Steps", "", "| step | groups | heads | channels | sparsity after | calibration loss | wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for st in r["steps"]:
+        lines.append(f"| {st['step']} | {st['groups']} | {st['heads']} | {st['channels']} | "
+                     f"{100 * st['sparsity']:.2f} % | {st['loss']:.3f} | {st['wall_s']:.1f} |")
+    lines += ["", "## Kept per layer", "", "| layer | query heads | K/V heads | MLP channels | parameters |",
+              "|---:|---:|---:|---:|---:|"]
+    for l in r["layers"]:
+        lines.append(f"| {l['layer']} | {l['heads'][0]}/{l['heads'][1]} | {l['kv_heads'][0]}/{l['kv_heads'][1]} | "
+                     f"{l['channels'][0]}/{l['channels'][1]} | {l['params'][0]:,}/{l['params'][1]:,} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_kept(layers: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [l["layer"] for l in layers]
+    frac = lambda key: [l[key][0] / l[key][1] if l[key][1] else 0 for l in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(x) + 2), 3.6), dpi=120)
+    w = 0.27
+    ax.bar([i - w for i in x], frac("heads"), w, label="query heads", color="#3b6ea8")
+    ax.bar(x, frac("kv_heads"), w, label="K/V heads", color="#8fb3dc")
+    ax.bar([i + w for i in x], frac("channels"), w, label="MLP channels", color="#d98c3f")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(x)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.legend(ncol=3, fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""A pruned in-memory model -> a Hugging Face folder that `from_pretrained(..., trust_remote_code=True)` loads."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from gisp_fx import modeling_gisp
+
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_gisp.GispForCausalLM"}
+
+
+def modeling_source(base_class: str) -> str:
+    """modeling_gisp.py as shipped, plus the class that mixes it into the model's own architecture."""
+    return inspect.getsource(modeling_gisp) + f'''
+
+from transformers import {base_class} as _Base  # noqa: E402
+
+
+class GispForCausalLM(GispMixin, _Base):
+    """{base_class} with the pruned shapes recorded in config.gisp."""
+'''
+
+
+def save_pruned(model, tokenizer, folder: Path) -> None:
+    """safetensors weights + config.json (with `gisp` and `auto_map`) + tokenizer + modeling_gisp.py."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _base_class(model)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.config.architectures = ["GispForCausalLM"]
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "modeling_gisp.py").write_text(modeling_source(base))
+
+
+def _base_class(model) -> str:
+    """The transformers class the pruned model is an instance of (its GispForCausalLM base, once reloaded)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
+            return cls.__name__
+    raise TypeError(f"{type(model).__name__} is not a transformers *ForCausalLM class")

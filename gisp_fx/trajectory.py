@@ -1,0 +1,73 @@
+"""The record of a run: every step's removals (original indices), sparsity and scores; replayable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gisp_fx.plan import GroupPlan, GroupRef, Kind
+
+TRAJECTORY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    removed: tuple[tuple[int, str, int], ...]  # (layer, "head" | "channel", index in the ORIGINAL model), in order
+    sparsity: float  # removed decoder-layer parameters / original decoder-layer parameters, after this step
+    decoder_params: int
+    total_params: int
+    loss: float  # calibration loss before this step's removal
+    wall_s: float
+
+    def refs(self) -> tuple[GroupRef, ...]:
+        return tuple(GroupRef(layer, Kind(kind), index) for layer, kind, index in self.removed)
+
+
+@dataclass
+class Trajectory:
+    config: dict  # the CompileConfig as JSON
+    plan: GroupPlan  # the original model's plan: the indices `removed` refer to
+    steps: list[Step] = field(default_factory=list)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "step{t}.heads" [L, H0] ..., NaN once removed
+
+    def removed_until(self, step: int) -> tuple[GroupRef, ...]:
+        return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"version": TRAJECTORY_VERSION, "config": self.config, "plan": self.plan.to_json(),
+               "steps": [asdict(s) for s in self.steps]}
+        tmp = folder / "trajectory.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        if self.scores:
+            save_file({k: v.contiguous() for k, v in self.scores.items()}, str(folder / "scores.safetensors.tmp"))
+            (folder / "scores.safetensors.tmp").replace(folder / "scores.safetensors")
+        tmp.replace(folder / "trajectory.json")  # last: a trajectory.json always has its scores beside it
+
+    @staticmethod
+    def load(folder: Path) -> "Trajectory":
+        doc = json.loads((folder / "trajectory.json").read_text())
+        if doc.get("version") != TRAJECTORY_VERSION:
+            raise ValueError(f"trajectory version {doc.get('version')} is not {TRAJECTORY_VERSION}")
+        steps = [Step(**{**s, "removed": tuple(tuple(r) for r in s["removed"])}) for s in doc["steps"]]
+        scores_path = folder / "scores.safetensors"
+        scores = load_file(str(scores_path)) if scores_path.is_file() else {}
+        return Trajectory(doc["config"], GroupPlan.from_json(doc["plan"]), steps, scores)
+
+
+def scores_table(plan: GroupPlan, alive: list[tuple[list[int], list[int]]], values, kind: str) -> torch.Tensor:
+    """Scores of the alive groups laid out on the original plan's grid, NaN where a group is gone."""
+    width = max((getattr(l, "attention") and l.attention.num_heads or 0) if kind == "heads" else
+                (l.mlp.channels if l.mlp else 0) for l in plan.layers)
+    table = np.full((len(plan.layers), width), np.nan, dtype=np.float64)
+    for i, (heads, channels) in enumerate(alive):
+        ids = heads if kind == "heads" else channels
+        if len(ids):
+            table[i, ids] = values[i]
+    return torch.from_numpy(table)

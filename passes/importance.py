@@ -1,0 +1,220 @@
+"""(model, GroupPlan, calibration) -> Scores: first-order loss importance |w * gbar| summed per group (spec §2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gisp_fx.errors import GispError
+from gisp_fx.plan import Axis, GroupPlan, Member
+
+
+@dataclass(frozen=True)
+class LmCalibration:
+    """Perplexity objective: mean token cross-entropy over `input_ids` windows [N, L]."""
+
+    input_ids: torch.Tensor
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class McSequence:
+    input_ids: tuple[int, ...]
+    option_tokens: int  # the last `option_tokens` ids are the option; the loss is taken on them only
+    correct: bool
+
+
+@dataclass(frozen=True)
+class MarginCalibration:
+    """Margin objective (spec §5): gradients averaged over correct and over incorrect options separately."""
+
+    sequences: tuple[McSequence, ...]
+    pad_id: int
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CustomCalibration:
+    """A user objective: `loss_fn(model, batch)` returns the batch-mean loss; `sizes` weight the batches."""
+
+    batches: Sequence[Any]
+    sizes: Sequence[int]
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+
+
+Calibration = LmCalibration | MarginCalibration | CustomCalibration
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One importance number per group of the plan it was computed against."""
+
+    heads: tuple[np.ndarray, ...]  # per layer, per query head (empty when the layer has no attention left)
+    kv: tuple[np.ndarray, ...]  # per layer, per K/V group (reported; K/V groups go with their last head)
+    channels: tuple[np.ndarray, ...]  # per layer, per MLP channel
+    loss: float  # mean calibration loss of the model scored (LM objective) or mean option loss (margin)
+
+
+def _prunable_linears(model: nn.Module, plan: GroupPlan) -> dict[str, nn.Linear]:
+    names = set()
+    for layer in plan.layers:
+        for block in (layer.attention, layer.mlp):
+            if block is not None:
+                members = block.query + block.kv if hasattr(block, "query") else block.members
+                names.update(m.module for m in members)
+    return {name: model.get_submodule(name) for name in sorted(names)}
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _option_losses(model: nn.Module, batch: list[McSequence], pad_id: int, device) -> torch.Tensor:
+    """Per-sequence mean cross-entropy over the option tokens (right padding)."""
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, s in enumerate(batch):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        mask[i, :n] = 1
+        target[i, n - s.option_tokens : n] = True
+    ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    t = target[:, 1:].float()
+    return (nll * t).sum(1) / t.sum(1)
+
+
+def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[str, tuple], float, int]:
+    """Sum of gradients of sum-over-batch losses over `work` [(closure -> (batch-mean loss, size))]."""
+    for lin in linears.values():
+        lin.weight.grad = None
+        if lin.bias is not None:
+            lin.bias.grad = None
+    total_loss, total_n = 0.0, 0
+    for closure in tqdm(work, desc=desc, leave=False, disable=not progress, unit="batch"):
+        loss, size = closure()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"calibration loss is {loss.item()}")
+        (loss * size).backward()
+        total_loss += loss.item() * size
+        total_n += size
+    grads = {name: (lin.weight.grad, lin.bias.grad if lin.bias is not None else None)
+             for name, lin in linears.items()}
+    return grads, total_loss, total_n
+
+
+def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
+                      desc: str = "gradients") -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
+    """gbar per prunable linear (weight, bias): (1/N) sum_b (loss_b * size_b)'; margin: g_pos - g_neg."""
+    linears = _prunable_linears(model, plan)
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the deterministic loss
+    device = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for lin in linears.values():
+            lin.weight.requires_grad_(True)
+            if lin.bias is not None:
+                lin.bias.requires_grad_(True)
+        if isinstance(calib, LmCalibration):
+            ids = calib.input_ids
+            work = [(lambda b=ids[i : i + calib.batch_size].to(device): (_lm_loss(model, b), len(b)))
+                    for i in range(0, len(ids), calib.batch_size)]
+            grads, loss, n = _accumulate(model, linears, work, desc, progress)
+            return _scaled(grads, 1.0 / n), loss / n
+        if isinstance(calib, CustomCalibration):
+            work = [(lambda b=b, s=s: (calib.loss_fn(model, b), s)) for b, s in zip(calib.batches, calib.sizes)]
+            grads, loss, n = _accumulate(model, linears, work, desc, progress)
+            return _scaled(grads, 1.0 / n), loss / n
+        sides = []
+        for correct in (True, False):
+            seqs = [s for s in calib.sequences if s.correct is correct]
+            if not seqs:
+                raise GispError("margin objective: the calibration set has no "
+                                f"{'correct' if correct else 'incorrect'} options")
+            work = [(lambda b=seqs[i : i + calib.batch_size]: (_option_losses(model, b, calib.pad_id, device).mean(),
+                                                               len(b)))
+                    for i in range(0, len(seqs), calib.batch_size)]
+            grads, loss, n = _accumulate(model, linears, work, f"{desc} ({'pos' if correct else 'neg'})", progress)
+            sides.append((_scaled(grads, 1.0 / n), loss / n))
+        (pos, pos_loss), (neg, _) = sides
+        diff = {k: (pos[k][0] - neg[k][0], None if pos[k][1] is None else pos[k][1] - neg[k][1]) for k in pos}
+        return diff, pos_loss
+    finally:
+        for lin in linears.values():
+            lin.weight.grad = None
+            if lin.bias is not None:
+                lin.bias.grad = None
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved.get(n, False))
+        model.train(was_training)
+
+
+def _scaled(grads, factor):
+    return {k: (w * factor, None if b is None else b * factor) for k, (w, b) in grads.items()}
+
+
+def _group_sums(member: Member, per_index: np.ndarray) -> np.ndarray:
+    lengths = np.array([len(ix) for ix in member.index])
+    flat = np.fromiter((i for ix in member.index for i in ix), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.add.reduceat(per_index[flat], starts)
+
+
+def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float) -> Scores:
+    """Element score |w * g| (abs after averaging), summed over each group's rows and columns."""
+    per_axis: dict[tuple[str, Axis], np.ndarray] = {}
+    with torch.no_grad():
+        for name, (gw, gb) in grads.items():
+            lin = model.get_submodule(name)
+            elem = (lin.weight * gw).abs().double()
+            rows = elem.sum(1)
+            if gb is not None:
+                rows = rows + (lin.bias * gb).abs().double()
+            per_axis[(name, Axis.ROWS)] = rows.cpu().numpy()
+            per_axis[(name, Axis.COLS)] = elem.sum(0).cpu().numpy()
+
+    def block_scores(members, count):
+        total = np.zeros(count)
+        for m in members:
+            total += _group_sums(m, per_axis[(m.module, m.axis)])
+        return total
+
+    heads, kv, channels = [], [], []
+    for layer in plan.layers:
+        a, mlp = layer.attention, layer.mlp
+        if a is not None:
+            h = block_scores(a.query, a.num_heads)
+            g = block_scores(a.kv, a.num_kv_heads)
+            if a.mha:  # an MHA head owns its k/v rows; a GQA head is scored from q rows and o columns only
+                h = h + g[list(a.kv_of_head)]
+            heads.append(h)
+            kv.append(g)
+        else:
+            heads.append(np.zeros(0))
+            kv.append(np.zeros(0))
+        channels.append(block_scores(mlp.members, mlp.channels) if mlp is not None else np.zeros(0))
+    if not all(np.isfinite(x).all() for x in heads + channels):
+        raise FloatingPointError("importance scores are not finite")
+    return Scores(tuple(heads), tuple(kv), tuple(channels), loss)
+
+
+def score(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
+          desc: str = "gradients") -> Scores:
+    """Importance of every group of `plan` on `model` for the calibration objective."""
+    grads, loss = average_gradients(model, plan, calib, progress, desc)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"calibration loss is {loss}")
+    return score_from_gradients(model, plan, grads, loss)
