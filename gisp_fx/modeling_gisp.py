@@ -49,13 +49,9 @@ def gisp_implementation(base: str) -> str:
 
 
 def _kv_index(module: nn.Module, device: torch.device) -> torch.Tensor:
-    # A plain cached attribute, not a buffer: from_pretrained builds modules on the meta device and would leave a
-    # non-persistent buffer uninitialised.
-    cached = module.__dict__.get("_gisp_kv_index")
-    if cached is None or cached.device != device:
-        cached = torch.tensor(module.gisp_kv_map, dtype=torch.long, device=device)
-        module.__dict__["_gisp_kv_index"] = cached
-    return cached
+    # Built per call from a plain tuple: a buffer would be left uninitialised by from_pretrained (it builds modules
+    # on the meta device), and a cached tensor would keep a fake tensor after torch.export traced the model.
+    return torch.tensor(module.gisp_kv_map, dtype=torch.long, device=device)
 
 
 def base_implementation(name: str | None) -> str:
@@ -121,7 +117,6 @@ def configure_attention_(module: nn.Module, num_heads: int, num_kv_heads: int, k
         module.config.num_attention_heads = num_heads
         module.config.num_key_value_heads = num_kv_heads
     module.gisp_kv_map = tuple(kv_map)
-    module.__dict__.pop("_gisp_kv_index", None)
 
 
 def set_attention_impl_(model: nn.Module, base: str) -> None:
