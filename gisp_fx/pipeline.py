@@ -247,34 +247,45 @@ def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial,
 
 
 # -- materialize -------------------------------------------------------------------------------------------------
-def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
-                overwrite: bool = False, loaded=None):
-    """Rebuild the model at a sparsity (or step) of a run's trajectory from the original weights; no gradients."""
-    from gisp_fx.loading import load_model
-    from gisp_fx.save import save_pruned
+def load_trajectory(run_dir: str):
     from gisp_fx.trajectory import Trajectory
 
     run = Path(run_dir)
     if not (run / TRAJECTORY_DIR / "trajectory.json").is_file():
         raise GispError(f"materialize: '{run}' holds no {TRAJECTORY_DIR}/trajectory.json; give a folder written by "
                         "`gisp-fx compile`")
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
-    traj = Trajectory.load(run / TRAJECTORY_DIR)
+    return Trajectory.load(run / TRAJECTORY_DIR)
+
+
+def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None):
+    """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights."""
+    from gisp_fx.loading import load_model
+
     removed = _removals_for(traj, sparsity, step)
     loaded = loaded or load_model(traj.config["model"])
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
     plan, _ = replay_(loaded.model, plan0, removed)
+    return loaded, plan, 1 - plan.decoder_params / plan0.decoder_params
+
+
+def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
+                overwrite: bool = False, loaded=None):
+    """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
+    from gisp_fx.save import save_pruned
+
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
+    loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pruned(loaded.model, loaded.tokenizer, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
-    return loaded.model, plan, 1 - plan.decoder_params / plan0.decoder_params
+    return loaded.model, plan, sparsity
 
 
 def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[GroupRef, ...]:
