@@ -167,3 +167,16 @@ def test_cli_compile_on_a_folder(tiny_folder, tmp_path, capsys):
     assert main(["materialize", str(out), "--step", "1", "--output", str(tmp_path / "m1")]) == 0
     assert main(["materialize", str(out), "--sparsity", "0.9", "--output", str(tmp_path / "m2")]) == 2
     assert "this trajectory's range" in capsys.readouterr().err
+
+
+def test_margin_objective_end_to_end(tmp_path):
+    cfg = _config(tmp_path, objective="margin", tasks=("arc_easy", "winogrande"), calib_samples=6, steps=2)
+    result = compile_model(cfg, loaded=_loaded(), progress=False)
+    assert 0.4 <= result.report["sparsity"]["measured"] <= 0.405
+
+
+@pytest.mark.parametrize("tasks, message", [(("piqa",), "no bundled training split"),
+                                            (("arc_easy", "nonsense"), "unknown task 'nonsense'")])
+def test_margin_objective_bad_tasks(tmp_path, tasks, message):
+    with pytest.raises(GispError, match=message):
+        compile_model(_config(tmp_path, objective="margin", tasks=tasks), loaded=_loaded())

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import tokens
+from conftest import ARCHS, tokens
 from gisp_fx.cli import main
 from gisp_fx.errors import GispError
 from gisp_fx.loading import bundled_gguf, load_model
@@ -58,14 +58,18 @@ def test_cli_reports_errors_once(capsys, tmp_path):
     assert err.count("error:") == 1 and "no config.json" in err
 
 
-def test_cli_inspect_tiny(tiny_folder, capsys):
-    path = tiny_folder("phi3")
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cli_inspect_tiny(arch, tiny_folder, capsys):
+    path = tiny_folder(arch)
+    config = json.loads(open(f"{path}/config.json").read())
     assert main(["inspect", path]) == 0
     out = capsys.readouterr().out
-    assert "3 layers (phi3)" in out and "not pruned: lm_head" in out
+    assert f"3 layers ({config['model_type']})" in out and "not pruned: lm_head" in out
     assert main(["inspect", path, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [l["attention"]["num_kv_heads"] for l in plan["layers"]] == [2, 2, 2]
+    assert [l["attention"]["num_kv_heads"] for l in plan["layers"]] == [config["num_key_value_heads"]] * 3
+    assert [l["attention"]["num_heads"] for l in plan["layers"]] == [config["num_attention_heads"]] * 3
+    assert [l["mlp"]["channels"] for l in plan["layers"]] == [config["intermediate_size"]] * 3
 
 
 @pytest.mark.slow
