@@ -50,16 +50,21 @@ def _materialize(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from gisp_fx.evaluate import wikitext2_perplexity
-    from gisp_fx.loading import load_model
+    import json
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t != "wikitext2"]
-    if unknown:
-        raise GispError(f"eval: unknown task(s) {', '.join(unknown)}; known: wikitext2")
+    from gisp_fx.loading import load_model
+    from gisp_fx.tasks import check_tasks, evaluate, format_results
+
+    tasks = check_tasks([t for t in args.tasks.split(",") if t])
+    if args.limit is not None and args.limit <= 0:
+        raise GispError(f"--limit must be positive, got {args.limit}")
     loaded = load_model(args.model)
-    ppl = wikitext2_perplexity(loaded.model, loaded.tokenizer, args.seq_len, args.windows, args.batch_size)
-    print(f"wikitext2 perplexity ({args.seq_len}-token windows, {ppl.subset}): {ppl.ppl:.3f}")
+    results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
+                       args.batch_size)
+    if args.json:
+        print(json.dumps([vars(r) for r in results], indent=1))
+    else:
+        print(format_results(results))
 
 
 def add_compile_commands(sub) -> None:
@@ -95,10 +100,16 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_materialize)
 
-    p = sub.add_parser("eval", help="evaluate a model or pruned folder (WikiText-2 perplexity)")
+    p = sub.add_parser("eval", help="evaluate a model or pruned folder: perplexity, commonsense QA, GSM8K")
     p.add_argument("model")
-    p.add_argument("--tasks", default="wikitext2")
+    p.add_argument("--tasks", default="wikitext2",
+                   help="comma-separated: wikitext2,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
+                        "openbookqa,gsm8k")
+    p.add_argument("--limit", type=int, help="a seeded subset of this many questions per QA task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--windows", type=_windows, default=None, help="a number of evenly spaced windows, or all")
+    p.add_argument("--windows", type=_windows, default=None,
+                   help="WikiText-2: a number of evenly spaced windows, or all (default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_eval)

@@ -95,3 +95,29 @@ def test_smollm2_inspect_and_save(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again.model(input_ids=ids).logits)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_missing_tokenizer(tmp_path):
+    from conftest import tiny_model
+
+    tiny_model("llama-gqa").save_pretrained(tmp_path)
+    with pytest.raises(GispError, match="tokenizer could not be loaded"):
+        load_model(str(tmp_path))
+
+
+def test_data_file_failing_its_checksum(tmp_path, monkeypatch):
+    import gisp_fx.datasets as ds
+
+    shutil.copytree(ds.DATA_DIR, tmp_path / "data")
+    target = tmp_path / "data" / "winogrande" / "validation.jsonl"
+    target.write_bytes(target.read_bytes().replace(b"Sarah", b"Sara", 1))
+    monkeypatch.setattr(ds, "DATA_DIR", tmp_path / "data")
+    ds.data_file.cache_clear()
+    ds._checksums.cache_clear()
+    try:
+        with pytest.raises(GispError, match="validation.jsonl' fails its checksum"):
+            ds.data_file("winogrande/validation.jsonl")
+        assert ds.data_file("winogrande/train_m.jsonl").is_file()
+    finally:
+        ds.data_file.cache_clear()
+        ds._checksums.cache_clear()

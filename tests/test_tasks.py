@@ -1,0 +1,74 @@
+"""Task scoring: batched log-likelihoods equal a naive per-sequence computation; subsets; GSM8K extraction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from gisp_fx.errors import GispError
+from gisp_fx.tasks import (MC_EVAL_TASKS, check_tasks, extract_number, gsm8k_exact_match, loglikelihoods,
+                           mc_accuracy, subset)
+
+
+def _naive(model, tok, context, continuation):
+    ctx = tok(context, add_special_tokens=False).input_ids
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+def test_batched_loglikelihood_equals_naive():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    pairs = [("w5 w6 w7", " w8"), ("w9", " w10 w11 w12"), ("w13 w14 w15 w16 w17 w18", " w19 w20"),
+             ("w21 w22", " w23")]
+    got = loglikelihoods(model, tok, pairs, batch_size=3, progress=False)
+    for (c, x), value in zip(pairs, got):
+        assert value == pytest.approx(_naive(model, tok, c, x), abs=1e-4)
+
+
+def test_subset_is_seeded_and_checked():
+    assert subset(100, 10, 0) == subset(100, 10, 0) != subset(100, 10, 1)
+    assert subset(5, None, 0) == list(range(5)) == subset(5, 50, 3)
+    with pytest.raises(GispError, match="--limit must be positive"):
+        subset(100, 0, 0)
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(GispError, match="unknown task.*known tasks: wikitext2, boolq"):
+        check_tasks(["wikitext2", "mmlu"])
+
+
+@pytest.mark.parametrize("task", MC_EVAL_TASKS)
+def test_every_task_scores(task):
+    result = mc_accuracy(tiny_model("llama-gqa"), tiny_tokenizer(), task, limit=3, progress=False)
+    assert result.n == 3 and 0.0 <= result.value <= 1.0
+    assert result.metric in ("acc", "acc_norm")
+
+
+@pytest.mark.parametrize("text, number", [
+    ("She makes 9 * 2 = $18.\n#### 18", "18"), ("so the total is 1,250 dollars.", "1250"),
+    ("The answer is $3.50.", "3.50"), ("no digits here", None), ("-4 degrees then 7", "7"),
+])
+def test_gsm8k_number_extraction(text, number):
+    assert extract_number(text) == number
+
+
+def test_gsm8k_runs_greedy():
+    result = gsm8k_exact_match(tiny_model("llama-gqa"), tiny_tokenizer(), limit=1, max_new_tokens=3, progress=False)
+    assert result.n == 1 and result.value in (0.0, 1.0)
+
+
+def test_cli_eval(tiny_folder, capsys):
+    from gisp_fx.cli import main
+
+    path = tiny_folder("llama-gqa")
+    assert main(["eval", path, "--tasks", "wikitext2,arc_easy,boolq", "--limit", "2", "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| wikitext2 | ppl |" in out and "| arc_easy | acc_norm |" in out and "| boolq | acc |" in out
+    assert main(["eval", path, "--tasks", "arc_easy", "--limit", "0"]) == 2
+    assert "--limit must be positive" in capsys.readouterr().err
+    assert main(["eval", path, "--tasks", "mmlu"]) == 2
+    assert "known tasks" in capsys.readouterr().err
