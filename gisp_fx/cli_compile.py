@@ -23,9 +23,11 @@ def _compile(args: argparse.Namespace) -> None:
     from gisp_fx.config import CompileConfig
     from gisp_fx.pipeline import compile_model
 
-    output = args.output or f"runs/{args.model.rstrip('/').split('/')[-1]}-gisp-{round(100 * args.sparsity)}"
+    method = "oneshot" if args.oneshot and args.method == "gisp" else args.method
+    name = args.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
+    output = args.output or f"runs/{name}-{method}-{round(100 * args.sparsity)}"
     config = CompileConfig(
-        model=args.model, sparsity=args.sparsity, output=output, objective=args.objective,
+        model=args.model, sparsity=args.sparsity, output=output, method=args.method, objective=args.objective,
         tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
         calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
@@ -72,6 +74,10 @@ def add_compile_commands(sub) -> None:
     p.add_argument("model", help="'smollm2' (bundled), a model folder, a .gguf file, or a hub id")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target decoder-layer parameter sparsity in (0, 0.95], measured")
+    p.add_argument("--method", default="gisp",
+                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random"],
+                   help="gisp (default, iterative); oneshot = GISP in one step; baselines: wanda-sp (|W|*||X||, "
+                        "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
     p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
     p.add_argument("--tasks", help="margin objective: comma-separated tasks, e.g. arc_easy,arc_challenge")
     p.add_argument("--calib", help="plain-text calibration file (ppl objective); default: bundled WikiText-2 train")
@@ -87,7 +93,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--eval-windows", type=_windows, default=256,
                    help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
-    p.add_argument("--output", help="output folder (default runs/<model>-gisp-<percent>)")
+    p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
     p.set_defaults(func=_compile)

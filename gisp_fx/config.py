@@ -9,6 +9,9 @@ from gisp_fx.errors import GispError
 CONFIG_VERSION = 1
 OBJECTIVES = ("ppl", "margin")
 NORMALIZE = ("reference", "params", "none")
+METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random")
+GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
+UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class CompileConfig:
     model: str
     sparsity: float
     output: str
+    method: str = "gisp"
     objective: str = "ppl"
     tasks: tuple[str, ...] = ()
     calib: str | None = None  # plain-text calibration file (ppl objective); default: bundled WikiText-2 train
@@ -33,6 +37,11 @@ class CompileConfig:
     def validate(self) -> "CompileConfig":
         if not 0 < self.sparsity <= 0.95:
             raise GispError(f"--sparsity must be in (0, 0.95], got {self.sparsity}")
+        if self.method not in METHODS:
+            raise GispError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.objective == "margin" and self.method not in GRADIENT_METHODS:
+            raise GispError(f"--objective margin needs a gradient method ({', '.join(GRADIENT_METHODS)}); "
+                            f"'{self.method}' does not use gradients")
         if self.objective not in OBJECTIVES:
             raise GispError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
         if self.objective == "margin" and not self.tasks:
@@ -49,8 +58,13 @@ class CompileConfig:
         return self
 
     @property
+    def effective_method(self) -> str:
+        return "oneshot" if self.oneshot and self.method == "gisp" else self.method
+
+    @property
     def schedule_steps(self) -> int:
-        return 1 if self.oneshot else self.steps
+        """GISP iterates; every other method (one-shot GISP and the baselines) prunes in one step."""
+        return self.steps if self.effective_method == "gisp" else 1
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -142,8 +142,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     """Prune `config.model` to `config.sparsity` with GISP; write the pruned model, trajectory and report."""
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
-    from gisp_fx.passes.importance import score
-    from gisp_fx.passes.select import Normalize, groups_to_reach, parse_protect, rank, select
+    from gisp_fx.config import UNIFORM_METHODS
+    from gisp_fx.passes.select import Normalize, groups_to_reach, parse_protect, rank, select, select_uniform
     from gisp_fx.passes.shrink import shrink_
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
@@ -188,20 +188,25 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         t = len(traj.steps) + 1
         t0 = time.perf_counter()
         try:
-            scores = score(model, plan, calib, progress=progress, desc=f"step {t} gradients")
+            scores = _method_scores(config, model, plan, calib, progress, t)
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
-        ranked = rank(plan, scores, normalize, plan0, protect)
-        if not ranked:
-            raise GispError(f"step {t}: every unprotected group is gone at sparsity "
-                            f"{removed_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot be "
-                            "reached with these protected layers (see --protect)")
-        if traj.config.get("groups_per_step") is None:
-            needed = groups_to_reach(plan, ranked, target_removed - removed_params)
-            traj.config["groups_per_step"] = None if config.oneshot else math.ceil(needed / config.schedule_steps)
-        selection = select(plan, ranked, traj.config["groups_per_step"], target_removed - removed_params,
-                           params_cap=target_removed - removed_params + math.floor(TOLERANCE * plan0.decoder_params))
+        if config.method in UNIFORM_METHODS:
+            selection = select_uniform(plan, scores, target_removed - removed_params, protect)
+        else:
+            ranked = rank(plan, scores, normalize if config.method in ("gisp", "oneshot") else Normalize.NONE,
+                          plan0, protect)
+            if not ranked:
+                raise GispError(f"step {t}: every unprotected group is gone at sparsity "
+                                f"{removed_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot "
+                                "be reached with these protected layers (see --protect)")
+            if traj.config.get("groups_per_step") is None and config.schedule_steps > 1:
+                needed = groups_to_reach(plan, ranked, target_removed - removed_params)
+                traj.config["groups_per_step"] = math.ceil(needed / config.schedule_steps)
+            selection = select(plan, ranked, traj.config.get("groups_per_step"), target_removed - removed_params,
+                               params_cap=target_removed - removed_params
+                               + math.floor(TOLERANCE * plan0.decoder_params))
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
@@ -228,6 +233,21 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         "this is a gisp-fx bug, please report it with the model and settings")
     after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
+
+
+def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int):
+    from gisp_fx.passes.baselines import magnitude_scores, random_scores, wanda_sp_scores
+    from gisp_fx.passes.importance import LmCalibration, score
+
+    if config.method == "magnitude":
+        return magnitude_scores(model, plan)
+    if config.method == "random":
+        return random_scores(plan, config.seed)
+    if config.method == "wanda-sp":
+        if not isinstance(calib, LmCalibration):
+            raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
+        return wanda_sp_scores(model, plan, calib, progress)
+    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients")
 
 
 def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started) -> CompileResult:

@@ -32,7 +32,7 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
               "channels": sum(r[1] == "channel" for r in s.removed), "sparsity": s.sparsity, "loss": s.loss,
               "wall_s": s.wall_s} for s in traj.steps]
     report = {
-        "model": config.model, "method": "gisp-oneshot" if config.oneshot else "gisp", "config": config.to_json(),
+        "model": config.model, "method": config.effective_method, "config": config.to_json(),
         "groups_per_step": traj.config.get("groups_per_step"),
         "params": {"before": plan0.total_params, "after": plan.total_params,
                    "decoder_before": plan0.decoder_params, "decoder_after": plan.decoder_params},

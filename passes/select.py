@@ -111,13 +111,19 @@ def select(plan: GroupPlan, ranked: list[Candidate], count: int | None, params_n
     A group that would take the total past `params_cap` is passed over for the next (smaller) one, so that the
     last step lands within tolerance of the target instead of overshooting by a whole attention head.
     """
-    freed, taken = _Freed(plan), []
+    freed, taken, skipped = _Freed(plan), [], []
     total = 0
     for cand in ranked:
         if (count is not None and len(taken) >= count) or total >= params_needed:
             break
         if params_cap is not None and total + freed.cost(cand.ref) > params_cap and taken:
+            skipped.append(cand)
             continue
+        total += freed.remove(cand.ref)
+        taken.append(cand.ref)
+    for cand in skipped:  # nothing smaller was left: accept the overshoot rather than stop short
+        if (count is not None and len(taken) >= count) or total >= params_needed:
+            break
         total += freed.remove(cand.ref)
         taken.append(cand.ref)
     return Selection(tuple(taken))
@@ -136,3 +142,35 @@ def groups_to_reach(plan: GroupPlan, ranked: list[Candidate], params_needed: int
 def freed_params(plan: GroupPlan, selection: Selection) -> int:
     freed = _Freed(plan)
     return sum(freed.remove(ref) for ref in selection.removed)
+
+
+def select_uniform(plan: GroupPlan, scores: Scores, params_needed: int, protect: frozenset[int]) -> Selection:
+    """The same fraction of heads and of channels in every unprotected layer (FLAP / LLM-Pruner style), the
+    smallest fraction that frees `params_needed`; within a layer the lowest scores go."""
+
+    def at(ratio: float) -> Selection:
+        taken = []
+        for layer in plan.layers:
+            if layer.index in protect:
+                continue
+            a, m = layer.attention, layer.mlp
+            if a is not None:
+                k = math.floor(ratio * a.num_heads + 1e-9)
+                order = sorted(range(a.num_heads), key=lambda h: (scores.heads[layer.index][h], h))
+                taken += [GroupRef(layer.index, Kind.HEAD, h) for h in order[:k]]
+            if m is not None:
+                k = math.floor(ratio * m.channels + 1e-9)
+                order = sorted(range(m.channels), key=lambda c: (scores.channels[layer.index][c], c))
+                taken += [GroupRef(layer.index, Kind.CHANNEL, c) for c in order[:k]]
+        return Selection(tuple(taken))
+
+    if freed_params(plan, at(1.0)) < params_needed:
+        raise GispError("uniform selection: even every unprotected group frees fewer parameters than the target")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # bisection on the ratio: freed parameters grow with it
+        mid = (lo + hi) / 2
+        if freed_params(plan, at(mid)) >= params_needed:
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)

@@ -180,3 +180,37 @@ def test_margin_objective_end_to_end(tmp_path):
 def test_margin_objective_bad_tasks(tmp_path, tasks, message):
     with pytest.raises(GispError, match=message):
         compile_model(_config(tmp_path, objective="margin", tasks=tasks), loaded=_loaded())
+
+
+@pytest.mark.parametrize("method", ["oneshot", "wanda-sp", "magnitude", "taylor-local", "random"])
+def test_every_method_writes_the_same_outputs(tmp_path, method):
+    result = _run(tmp_path, method=method, protect=None)
+    report = result.report
+    assert report["method"] == method and len(report["steps"]) == 1
+    assert 0.4 <= report["sparsity"]["measured"] <= 0.45
+    assert (result.output / "model.safetensors").is_file() and (result.output / "trajectory/trajectory.json").is_file()
+    if method in ("wanda-sp", "taylor-local"):  # uniform: every unprotected layer keeps the same channel count
+        kept = {l["channels"][0] for l in report["layers"][:-1] if l["layer"] >= 1}
+        assert len(kept) == 1
+
+
+def test_baseline_scores_by_hand():
+    from gisp_fx.passes.baselines import magnitude_scores, wanda_sp_scores
+    from gisp_fx.pipeline import analyse
+
+    model = tiny_model("llama-gqa")
+    plan = analyse(model)
+    mag = magnitude_scores(model, plan)
+    w = model.model.layers[1].mlp
+    expected = torch.sqrt(w.gate_proj.weight[7].pow(2).sum() + w.up_proj.weight[7].pow(2).sum()
+                          + w.down_proj.weight[:, 7].pow(2).sum()).item()
+    assert mag.channels[1][7] == pytest.approx(expected, rel=1e-6)
+    ids = tokens(4, 10, seed=6)
+    captured = []
+    handle = w.down_proj.register_forward_pre_hook(lambda m, i: captured.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    norm = torch.cat(captured).pow(2).sum(0).sqrt()
+    wanda = wanda_sp_scores(model, plan, LmCalibration(ids, 2), progress=False)
+    assert wanda.channels[1][7] == pytest.approx((w.down_proj.weight[:, 7].abs() * norm[7]).sum().item(), rel=1e-5)
