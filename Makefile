@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast compile clean
+.PHONY: setup test test-fast compile quality trajectory-ppl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test-fast: $(STAMP)
 
 compile: $(STAMP)
 	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output runs/smollm2-gisp-50 --overwrite
+
+# the quality table of the README (methods x sparsities on SmolLM2; about an hour on 2 CPU cores)
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+
+# full WikiText-2 perplexity along the trajectory that `make compile` wrote (about 40 minutes on 2 CPU cores)
+trajectory-ppl: $(STAMP)
+	$(BIN)/python benchmarks/trajectory_ppl.py runs/smollm2-gisp-50 --sparsities 0.2,0.3,0.4,0.5 --windows all \
+		--output benchmarks/results/smollm2-gisp-trajectory
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

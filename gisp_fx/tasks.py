@@ -90,18 +90,22 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             idx = order[start : start + batch_size]
             seqs = [(encoded[i][0] + encoded[i][1])[-(max_len + 1):] for i in idx]
             width = max(len(s) for s in seqs) - 1
+            keep = max(len(encoded[i][1]) for i in idx)
+            # left padding with explicit positions: every continuation ends at the last position, so the LM head
+            # runs on the last `keep` positions only, and each row sees the positions it would see unpadded
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for r, s in enumerate(seqs):
-                ids[r, : len(s) - 1] = torch.tensor(s[:-1])
-                mask[r, : len(s) - 1] = 1
-            logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device))
-                                         .logits.float(), dim=-1)
+                ids[r, width - (len(s) - 1):] = torch.tensor(s[:-1])
+                mask[r, width - (len(s) - 1):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=keep).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             for r, (i, s) in enumerate(zip(idx, seqs)):
                 n = len(encoded[i][1])
                 targets = torch.tensor(s[-n:], device=device)
-                positions = torch.arange(len(s) - 1 - n, len(s) - 1, device=device)
-                out[i] = logprobs[r, positions, targets].sum().item()
+                out[i] = logprobs[r, torch.arange(keep - n, keep, device=device), targets].sum().item()
     return out
 
 

@@ -20,8 +20,9 @@ def _naive(model, tok, context, continuation):
     return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
-def test_batched_loglikelihood_equals_naive():
-    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "gemma2", "phi3"])
+def test_batched_loglikelihood_equals_naive(arch):
+    model, tok = tiny_model(arch), tiny_tokenizer()
     pairs = [("w5 w6 w7", " w8"), ("w9", " w10 w11 w12"), ("w13 w14 w15 w16 w17 w18", " w19 w20"),
              ("w21 w22", " w23")]
     got = loglikelihoods(model, tok, pairs, batch_size=3, progress=False)

@@ -1,0 +1,135 @@
+"""The quality table: methods x sparsities x (WikiText-2 perplexity, the 7 commonsense tasks) -> md/json/png.
+
+    python benchmarks/quality.py                       # SmolLM2, the default grid (what `make quality` runs)
+    python benchmarks/quality.py --limit 100 --windows all --methods gisp,wanda-sp
+
+Globally ranked methods (gisp, oneshot, magnitude, random, gisp-margin) compile once to the highest sparsity and
+serve the lower ones from their trajectory (`materialize`: a prefix of the removal order). Uniform per-layer
+methods (wanda-sp, taylor-local) compile once per sparsity, because a prefix of their order is not uniform.
+Every row is evaluated on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiText-2 windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from gisp_fx.config import UNIFORM_METHODS, CompileConfig
+from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.pipeline import compile_model, load_trajectory, materialize_model
+from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
+
+MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
+
+
+def _config(method: str, model: str, sparsity: float, out: Path, args) -> CompileConfig:
+    margin = method == "gisp-margin"
+    return CompileConfig(model=model, sparsity=sparsity, output=str(out), method="gisp" if margin else method,
+                         objective="margin" if margin else "ppl", tasks=MARGIN_TASKS if margin else (),
+                         calib_samples=args.calib_samples, steps=args.steps, seed=args.seed,
+                         eval_windows=args.windows)
+
+
+def _fresh(original: LoadedModel) -> LoadedModel:
+    return LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--methods", default="gisp,oneshot,wanda-sp,magnitude,taylor-local,random,gisp-margin")
+    ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
+    ap.add_argument("--limit", type=int, default=40, help="questions per QA task (seeded subset)")
+    ap.add_argument("--windows", type=int, default=128, help="WikiText-2 test windows (evenly spaced)")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="runs/quality", help="where the compiled runs go (reused if complete)")
+    ap.add_argument("--output", default="benchmarks/results/quality")
+    args = ap.parse_args()
+
+    methods = args.methods.split(",")
+    sparsities = sorted(float(x) for x in args.sparsities.split(","))
+    tasks = ["wikitext2", *MC_EVAL_TASKS]
+    original = load_model(args.model)
+    started = time.perf_counter()
+
+    def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float) -> dict:
+        t0 = time.perf_counter()
+        results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, windows=args.windows)
+        row = {"method": method, "target": target, "sparsity": sparsity,
+               "params": sum(p.numel() for p in loaded.model.parameters()),
+               **{r.task: r.value for r in results}, "eval_s": time.perf_counter() - t0}
+        print(f"{label}: ppl {row['wikitext2']:.2f}, cmqa {100 * row['cmqa']:.2f} %", flush=True)
+        return row
+
+    rows = [measure("dense", "dense", 0.0, original, 0.0)]
+    runs = Path(args.runs)
+    for method in methods:
+        targets = sparsities if method in UNIFORM_METHODS else [max(sparsities)]
+        for target in targets:
+            out = runs / f"{method}-{round(100 * target)}"
+            if not (out / "report.json").is_file():
+                compile_model(_config(method, args.model, target, out, args), overwrite=True, loaded=_fresh(original))
+            traj = load_trajectory(str(out))
+            for s in ([target] if method in UNIFORM_METHODS else sparsities):
+                loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))
+                rows.append(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured))
+    write(rows, args, time.perf_counter() - started)
+
+
+def write(rows: list[dict], args, wall_s: float) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed,
+           "calib_samples": args.calib_samples, "steps": args.steps, "wall_s": wall_s, "rows": rows}
+    (out / "quality.json").write_text(json.dumps(doc, indent=1))
+    head = ["method", "sparsity", "params", "wikitext2 ppl", "cmqa avg", *MC_EVAL_TASKS]
+    lines = [f"# Quality on {args.model}", "",
+             f"WikiText-2 test perplexity on {args.windows} evenly spaced 128-token windows; accuracy (acc_norm where "
+             f"lm-eval reports it, else acc) on a seeded subset of {args.limit} questions per task (seed {args.seed}), "
+             f"the same subset for every row. Wall time {wall_s / 60:.0f} min. Command: "
+             f"`python benchmarks/quality.py --limit {args.limit} --windows {args.windows}`.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cells = [r["method"], f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
+                 f"{100 * r['cmqa']:.1f}", *(f"{100 * r[t]:.1f}" for t in MC_EVAL_TASKS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "quality.png", args.model)
+    print(f"report: {out}/quality.md")
+
+
+def plot(rows: list[dict], path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        pts = sorted([(0.0, dense)] + [(r["sparsity"], r) for r in rows if r["method"] == method],
+                     key=lambda p: p[0])
+        xs = [100 * s for s, _ in pts]
+        style = dict(marker="o", lw=2.2 if method.startswith("gisp") else 1.2, label=method)
+        ax1.plot(xs, [r["wikitext2"] for _, r in pts], **style)
+        ax2.plot(xs, [100 * r["cmqa"] for _, r in pts], **style)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("WikiText-2 perplexity (log)")
+    ax2.set_ylabel("7-task commonsense average (%)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("decoder-layer parameter sparsity (%)")
+        ax.grid(alpha=0.3, which="both")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{model}: quality vs sparsity", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end (on a tiny model folder) and write their reports."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+import pytest
+
+
+def _run_script(path: str, argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [path, *argv])
+    runpy.run_path(path, run_name="__main__")
+
+
+def test_quality_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    model = tiny_folder("llama-gqa")
+    out = tmp_path / "quality"
+    _run_script("benchmarks/quality.py", ["--model", model, "--methods", "gisp,wanda-sp,random",
+                                          "--sparsities", "0.2,0.4", "--limit", "2", "--windows", "2",
+                                          "--calib-samples", "4", "--steps", "2", "--runs", str(tmp_path / "runs"),
+                                          "--output", str(out)], monkeypatch)
+    doc = json.loads((out / "quality.json").read_text())
+    assert [(r["method"], r["target"]) for r in doc["rows"]] == [
+        ("dense", 0.0), ("gisp", 0.2), ("gisp", 0.4), ("wanda-sp", 0.2), ("wanda-sp", 0.4), ("random", 0.2),
+        ("random", 0.4)]
+    for r in doc["rows"][1:]:
+        # global methods land within tolerance; a uniform ratio over 4 heads per layer is coarse on a tiny model
+        slack = 0.1 if r["method"] == "wanda-sp" else 0.03
+        assert r["target"] - 1e-9 <= r["sparsity"] <= r["target"] + slack
+        assert 0 <= r["cmqa"] <= 1 and r["wikitext2"] > 1
+    assert (out / "quality.md").is_file() and (out / "quality.png").stat().st_size > 10_000
+
+
+def test_trajectory_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    from gisp_fx.cli import main
+
+    run = tmp_path / "run"
+    assert main(["compile", tiny_folder("llama-gqa"), "--sparsity", "0.4", "--steps", "2", "--calib-samples", "4",
+                 "--seq-len", "32", "--eval-windows", "2", "--output", str(run)]) == 0
+    _run_script("benchmarks/trajectory_ppl.py", [str(run), "--sparsities", "0.2,0.4", "--windows", "3"], monkeypatch)
+    doc = json.loads((run / "quality" / "trajectory_ppl.json").read_text())
+    assert [round(r["target"], 1) for r in doc["rows"]] == [0.0, 0.2, 0.4]
+    assert doc["rows"][1]["params"] > doc["rows"][2]["params"]
