@@ -142,8 +142,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     """Prune `config.model` to `config.sparsity` with GISP; write the pruned model, trajectory and report."""
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
-    from gisp_fx.config import UNIFORM_METHODS
-    from gisp_fx.passes.select import Normalize, groups_to_reach, parse_protect, rank, select, select_uniform
+    from gisp_fx.passes.select import parse_protect
     from gisp_fx.passes.shrink import shrink_
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
@@ -155,8 +154,16 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     plan0 = analyse(model)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     protect = parse_protect(config.protect, len(plan0.layers))
-    normalize = Normalize(config.normalize)
     target_removed = math.ceil(config.sparsity * plan0.decoder_params)
+
+    dense_path = partial / "dense_ppl.json"  # measured on the unpruned model, before any replay
+    if dense_path.is_file():
+        before = json.loads(dense_path.read_text())
+    else:
+        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl")
+        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len}
+        partial.mkdir(parents=True, exist_ok=True)
+        dense_path.write_text(json.dumps(before))
 
     traj_dir = partial / TRAJECTORY_DIR
     if resume:
@@ -172,15 +179,6 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         traj = Trajectory({**config.to_json(), "groups_per_step": None}, plan0)
         plan, alive = plan0, _Alive(plan0)
 
-    dense_path = partial / "dense_ppl.json"
-    if dense_path.is_file():
-        before = json.loads(dense_path.read_text())
-    else:
-        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl")
-        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len}
-        partial.mkdir(parents=True, exist_ok=True)
-        dense_path.write_text(json.dumps(before))
-
     removed_params = plan0.decoder_params - plan.decoder_params
     bar = tqdm(total=config.schedule_steps, initial=len(traj.steps), desc="pruning", unit="step",
                disable=not progress)
@@ -192,21 +190,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
-        if config.method in UNIFORM_METHODS:
-            selection = select_uniform(plan, scores, target_removed - removed_params, protect)
-        else:
-            ranked = rank(plan, scores, normalize if config.method in ("gisp", "oneshot") else Normalize.NONE,
-                          plan0, protect)
-            if not ranked:
-                raise GispError(f"step {t}: every unprotected group is gone at sparsity "
-                                f"{removed_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot "
-                                "be reached with these protected layers (see --protect)")
-            if traj.config.get("groups_per_step") is None and config.schedule_steps > 1:
-                needed = groups_to_reach(plan, ranked, target_removed - removed_params)
-                traj.config["groups_per_step"] = math.ceil(needed / config.schedule_steps)
-            selection = select(plan, ranked, traj.config.get("groups_per_step"), target_removed - removed_params,
-                               params_cap=target_removed - removed_params
-                               + math.floor(TOLERANCE * plan0.decoder_params))
+        selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
@@ -233,6 +217,26 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         "this is a gisp-fx bug, please report it with the model and settings")
     after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
+
+
+def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, traj, needed: int,
+            protect: frozenset[int], step: int) -> Selection:
+    """This step's removals: a uniform per-layer ratio, or the global ranking in groups of `groups_per_step`."""
+    from gisp_fx.config import UNIFORM_METHODS
+    from gisp_fx.passes.select import Normalize, groups_to_reach, rank, select, select_uniform
+
+    if config.method in UNIFORM_METHODS:
+        return select_uniform(plan, scores, needed, protect)
+    normalize = Normalize(config.normalize) if config.method in ("gisp", "oneshot") else Normalize.NONE
+    ranked = rank(plan, scores, normalize, plan0, protect)
+    if not ranked:
+        raise GispError(f"step {step}: every unprotected group is gone at sparsity "
+                        f"{1 - plan.decoder_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot "
+                        "be reached with these protected layers (see --protect)")
+    if traj.config.get("groups_per_step") is None and config.schedule_steps > 1:
+        traj.config["groups_per_step"] = math.ceil(groups_to_reach(plan, ranked, needed) / config.schedule_steps)
+    cap = needed + math.floor(TOLERANCE * plan0.decoder_params)
+    return select(plan, ranked, traj.config.get("groups_per_step"), needed, params_cap=cap)
 
 
 def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int):
