@@ -230,9 +230,9 @@ def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, tr
     normalize = Normalize(config.normalize) if config.method in ("gisp", "oneshot") else Normalize.NONE
     ranked = rank(plan, scores, normalize, plan0, protect)
     if not ranked:
-        raise GispError(f"step {step}: every unprotected group is gone at sparsity "
-                        f"{1 - plan.decoder_params / plan0.decoder_params:.3f}; the target {config.sparsity} cannot "
-                        "be reached with these protected layers (see --protect)")
+        reached = (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
+        raise GispError(f"step {step}: every unprotected group is gone at sparsity {reached:.3f}; the target "
+                        f"{config.sparsity} cannot be reached with these protected layers (see --protect)")
     if traj.config.get("groups_per_step") is None and config.schedule_steps > 1:
         traj.config["groups_per_step"] = math.ceil(groups_to_reach(plan, ranked, needed) / config.schedule_steps)
     cap = needed + math.floor(TOLERANCE * plan0.decoder_params)
@@ -291,7 +291,7 @@ def materialize_model(traj, sparsity: float | None, *, step: int | None = None, 
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
     plan, _ = replay_(loaded.model, plan0, removed)
-    return loaded, plan, 1 - plan.decoder_params / plan0.decoder_params
+    return loaded, plan, (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
 
 
 def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,

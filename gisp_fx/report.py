@@ -27,7 +27,7 @@ def layer_rows(plan0: GroupPlan, plan: GroupPlan) -> list[dict]:
 
 def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: GroupPlan, traj, before: dict,
                  after: dict, wall_s: float, peak_rss_mb: float) -> dict:
-    sparsity = 1 - plan.decoder_params / plan0.decoder_params
+    sparsity = (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
     steps = [{"step": s.step, "groups": len(s.removed), "heads": sum(r[1] == "head" for r in s.removed),
               "channels": sum(r[1] == "channel" for r in s.removed), "sparsity": s.sparsity, "loss": s.loss,
               "wall_s": s.wall_s} for s in traj.steps]
