@@ -116,12 +116,6 @@ class _LabelInterpreter(torch.fx.Interpreter):
         return value
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _label_of(self, arg, value):
-        """The label tensor standing for `arg`, or None when it carries none."""
-        if isinstance(arg, torch.fx.Node):
-            return self.labels.get(arg)
-        return None
-
     def _tensor_inputs(self, n: torch.fx.Node):
         out = []
         for arg in list(n.args) + list(n.kwargs.values()):
@@ -130,10 +124,10 @@ class _LabelInterpreter(torch.fx.Interpreter):
                     out.append((a, self.env[a], self.labels.get(a)))
         return out
 
-    def _swap(self, obj, fill_shape_from_value: bool):
+    def _swap(self, obj):
         """Replace tensor-valued nodes by their labels (or -1 filled tensors) and others by their values."""
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._swap(o, fill_shape_from_value) for o in obj)
+            return type(obj)(self._swap(o) for o in obj)
         if isinstance(obj, torch.fx.Node):
             value = self.env[obj]
             label = self.labels.get(obj)
@@ -167,8 +161,8 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if n.target in IDENTITY:
             return labelled[0][2] if n.args and n.args[0] is labelled[0][0] else None
         if n.target in LAYOUT:
-            args = self._swap(n.args, True)
-            kwargs = {k: self._swap(v, True) for k, v in n.kwargs.items()}
+            args = self._swap(n.args)
+            kwargs = {k: self._swap(v) for k, v in n.kwargs.items()}
             return n.target(*args, **kwargs)
         tags = getattr(n.target, "tags", ())
         if torch.Tag.pointwise in tags and isinstance(value, torch.Tensor):
@@ -256,9 +250,8 @@ def find_groups(captured: Captured) -> GroupPlan:
 
 
 def _flat_inputs(captured: Captured):
-    names = [n.target for n in captured.module.graph.nodes if n.op == "placeholder"]
-    # program.module() takes the original call signature flattened: here the keyword inputs, in order
-    return [captured.example[name] for name in captured.example][: len(names)]
+    """The example inputs in the order of the unlifted graph's placeholders (named after the keyword inputs)."""
+    return [captured.example[n.target] for n in captured.module.graph.nodes if n.op == "placeholder"]
 
 
 def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
