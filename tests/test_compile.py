@@ -82,6 +82,10 @@ def test_compile_writes_model_trajectory_and_report(tmp_path):
     model, _, sparsity = materialize(str(out), mid.sparsity, str(tmp_path / "mid"), loaded=_loaded())
     with torch.no_grad():
         assert torch.equal(model(input_ids=PROBE).logits, logits[mid.step])
+    # between two steps: a prefix of the next step's removal order, at or just above the requested sparsity
+    between = (traj.steps[0].sparsity + traj.steps[1].sparsity) / 2
+    _, plan, sparsity = materialize(str(out), between, str(tmp_path / "between"), loaded=_loaded())
+    assert between <= sparsity < traj.steps[1].sparsity
 
 
 def test_same_seed_same_trajectory(tmp_path):
