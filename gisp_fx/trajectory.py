@@ -63,8 +63,9 @@ class Trajectory:
 
 def scores_table(plan: GroupPlan, alive: list[tuple[list[int], list[int]]], values, kind: str) -> torch.Tensor:
     """Scores of the alive groups laid out on the original plan's grid, NaN where a group is gone."""
-    width = max((getattr(l, "attention") and l.attention.num_heads or 0) if kind == "heads" else
-                (l.mlp.channels if l.mlp else 0) for l in plan.layers)
+    sizes = [(l.attention.num_heads if l.attention else 0) if kind == "heads" else (l.mlp.channels if l.mlp else 0)
+             for l in plan.layers]
+    width = max(sizes)
     table = np.full((len(plan.layers), width), np.nan, dtype=np.float64)
     for i, (heads, channels) in enumerate(alive):
         ids = heads if kind == "heads" else channels
