@@ -15,7 +15,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gisp-fx", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gisp-fx",
+        description="Structured pruning of Hugging Face causal LMs with GISP (global iterative structured pruning).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show the prunable groups of a model, per layer")

@@ -68,9 +68,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
             "and not a hub id of the form 'org/name'"
         )
 
-    config = _load_config(spec, where, kwargs)
+    remote = _is_gisp_folder(where)  # a gisp-fx output folder: its modeling_gisp.py builds the pruned shapes
+    config = _load_config(spec, where, kwargs, remote)
     _require_causal_lm(spec, config)
-    model = _load_weights(spec, where, config, kwargs, dtype)
+    model = _load_weights(spec, where, config, kwargs, dtype, remote)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
@@ -96,11 +97,11 @@ def _check_gguf(path: Path) -> None:
                         "the file is corrupt or truncated, download it again") from exc
 
 
-def _load_config(spec: str, where: str, kwargs: dict):
+def _load_config(spec: str, where: str, kwargs: dict, remote: bool):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=_is_gisp_folder(where), **kwargs)
+        return AutoConfig.from_pretrained(where, trust_remote_code=remote, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise GispError(f"model '{spec}': its config could not be read from {where}: {exc}") from exc
 
@@ -130,13 +131,12 @@ def _require_causal_lm(spec: str, config) -> None:
         )
 
 
-def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype):
+def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype, remote: bool):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=dtype, trust_remote_code=_is_gisp_folder(where), **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype, trust_remote_code=remote,
+                                                     **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise GispError(f"model '{spec}': weights could not be loaded from {where}: {exc}") from exc
     if "gguf_file" in kwargs:

@@ -314,7 +314,7 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
 
 def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[GroupRef, ...]:
     """The removal-order prefix that reaches `sparsity`, or everything up to `step`."""
-    from gisp_fx.passes.select import _Freed
+    from gisp_fx.passes.select import FreedParams
 
     if step is not None:
         if not 0 <= step <= len(traj.steps):
@@ -328,7 +328,7 @@ def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[Group
         raise GispError(f"materialize: --sparsity must be in [0, {final:.4f}] (this trajectory's range), got {sparsity}")
     target = math.ceil(sparsity * traj.plan.decoder_params - 1e-6)
     # walk the recorded order; parameters freed are counted on the original plan, as the run counted them
-    prefix, freed, counter = [], 0, _Freed(traj.plan)
+    prefix, freed, counter = [], 0, FreedParams(traj.plan)
     for ref in traj.removed_until(len(traj.steps)):
         if freed >= target:
             break

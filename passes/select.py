@@ -76,7 +76,7 @@ def rank(plan: GroupPlan, scores: Scores, normalize: Normalize, original: GroupP
     return out
 
 
-class _Freed:
+class FreedParams:
     """Parameters freed by removing groups one by one (a K/V group's rows count once its last head goes)."""
 
     def __init__(self, plan: GroupPlan):
@@ -111,7 +111,7 @@ def select(plan: GroupPlan, ranked: list[Candidate], count: int | None, params_n
     A group that would take the total past `params_cap` is passed over for the next (smaller) one, so that the
     last step lands within tolerance of the target instead of overshooting by a whole attention head.
     """
-    freed, taken, skipped = _Freed(plan), [], []
+    freed, taken, skipped = FreedParams(plan), [], []
     total = 0
     for cand in ranked:
         if (count is not None and len(taken) >= count) or total >= params_needed:
@@ -131,7 +131,7 @@ def select(plan: GroupPlan, ranked: list[Candidate], count: int | None, params_n
 
 def groups_to_reach(plan: GroupPlan, ranked: list[Candidate], params_needed: int) -> int:
     """How many groups of this ranking one would remove to free `params_needed` parameters."""
-    freed, total = _Freed(plan), 0
+    freed, total = FreedParams(plan), 0
     for n, cand in enumerate(ranked, 1):
         total += freed.remove(cand.ref)
         if total >= params_needed:
@@ -140,7 +140,7 @@ def groups_to_reach(plan: GroupPlan, ranked: list[Candidate], params_needed: int
 
 
 def freed_params(plan: GroupPlan, selection: Selection) -> int:
-    freed = _Freed(plan)
+    freed = FreedParams(plan)
     return sum(freed.remove(ref) for ref in selection.removed)
 
 
