@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gisp_fx.cli_compile import add_compile_commands
 
     add_compile_commands(sub)
+    from gisp_fx.cli_export import add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 
