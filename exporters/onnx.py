@@ -254,6 +254,8 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
     """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity."""
     import onnx
 
+    from gisp_fx.loading import param_counts
+
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
@@ -274,7 +276,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
                             "nothing was written")
         meta = {"source": source, "opset": OPSET, "with_past": layout is not None,
                 "layout": asdict(layout) if layout is not None else None, "parity": asdict(check),
-                "tolerance": tolerance, "export_s": seconds, "torch": torch.__version__,
+                "tolerance": tolerance, "export_s": seconds, "params": param_counts(model), "torch": torch.__version__,
                 "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime")}
         if quantize == "int8":
             quantize_int8(tmp)

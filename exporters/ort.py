@@ -115,6 +115,31 @@ class OrtCausalLM:
                    for name, value in zip(self.output_names[1:], outs[1:])}
         return outs[0], present
 
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             logits_positions: np.ndarray, past: dict | None = None):
+        """`run` through an IO binding: the cache stays in onnxruntime's memory (on the GPU under CUDA) between
+        steps, and only the logits come back to the host. Returns (logits, present as OrtValues)."""
+        import onnxruntime as ort
+
+        device = "cuda" if self.provider == "cuda" else "cpu"
+        binding = self.session.io_binding()
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids), ("logits_positions", logits_positions)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        if past is None:
+            past = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0)
+                    for k, v in self.empty_past(input_ids.shape[0]).items()}
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        present = {name.replace("present.", "past_key_values.", 1): value
+                   for name, value in zip(self.output_names[1:], outs[1:])}
+        return outs[0].numpy(), present
+
     # the slice of the HF interface the evaluators use
     def __call__(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **_):
         ids = _numpy(input_ids)
@@ -147,7 +172,7 @@ class OrtCausalLM:
         step_ids, past, out = ids, None, [ids]
         for _ in range(max_new_tokens):
             # logits at the last position only: prefill computes one row of the LM head, not seq rows
-            logits, past = self.run(step_ids, mask, positions, np.array([step_ids.shape[1] - 1]), past)
+            logits, past = self.step(step_ids, mask, positions, np.array([step_ids.shape[1] - 1]), past)
             nxt = pick_next(logits[:, -1].astype(np.float32), do_sample, temperature, top_k, top_p, rng)
             nxt = np.where(done, pad, nxt)
             out.append(nxt[:, None])

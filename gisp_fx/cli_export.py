@@ -40,3 +40,56 @@ def add_export_commands(sub) -> None:
                         "for ORTModelForCausalLM (transformers 4.57 line, uniform K/V heads only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_export)
+    add_bench_command(sub)
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{value}'") from exc
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{value}'")
+    return out
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gisp_fx.bench import BenchSettings, environment, markdown, run_bench, summarise, write_report
+    from gisp_fx.errors import GispError
+
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise GispError(f"--output '{args.output}' exists; pass --overwrite to replace it, or choose another folder")
+    if args.repeats < 1:
+        raise GispError(f"--repeats must be at least 1, got {args.repeats}")
+    settings = BenchSettings(prefill=args.prefill, prompt=args.prompt, decode=args.decode, repeats=args.repeats,
+                             warmup=args.warmup, threads=args.threads, provider=args.provider)
+    rows = run_bench(args.models, settings, engines=args.engines.split(","), opts=args.ort_opt.split(","))
+    summary = summarise(rows, settings)
+    print(markdown(summary, settings, environment(settings)))
+    if args.output:
+        out = write_report(summary, settings, args.output, args.title)
+        print(f"report: {out}/bench.md, bench.json, bench.png")
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="latency of dense vs pruned models: onnxruntime exports and torch eager")
+    p.add_argument("models", nargs="+",
+                   help="ONNX export folders (gisp-fx export --with-past; run in onnxruntime) and/or model folders or "
+                        "'smollm2' (run in torch eager); speedups are against the densest of each engine")
+    p.add_argument("--engines", default="ort,torch",
+                   help="ort (model.onnx), ort-int8 (model_int8.onnx where the export has one), torch (default: ort,torch)")
+    p.add_argument("--ort-opt", default="all",
+                   help="onnxruntime graph optimisation level(s), comma-separated: disable,basic,extended,all")
+    p.add_argument("--provider", default="cpu", help="cpu or cuda (onnxruntime provider; torch device)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
+    p.add_argument("--prefill", type=_ints, default=(128, 512), help="prompt lengths timed for prefill (default 128,512)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt length before decode (default 128)")
+    p.add_argument("--decode", type=int, default=64, help="tokens decoded per timing run (default 64; 0: skip)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--title", default="gisp-fx latency")
+    p.add_argument("--output", help="write bench.md, bench.json and bench.png to this folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_bench)

@@ -146,3 +146,17 @@ def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtyp
             del model.config.quantization_config
         model.is_quantized = False
     return model
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters: total (tied ones once), in the decoder layers, and touched per generated token.
+
+    Touched per token is what a decode step reads: everything except the input embedding table, of which a step
+    reads one row, unless that table is also the LM head (tied), which reads all of it.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    decoder = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    embed = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is embed
+    return {"total": total, "decoder": decoder, "touched_per_token": total - (0 if tied else embed.numel())}
