@@ -39,6 +39,13 @@ def _compile(args: argparse.Namespace) -> None:
           f"{100 * r['sparsity']['measured']:.2f} % decoder sparsity; WikiText-2 ppl "
           f"{r['perplexity']['before']:.2f} -> {r['perplexity']['after']:.2f} ({r['perplexity']['windows']} windows)")
     print(f"model, trajectory and report: {result.output}/  (report: {result.output}/report.md)")
+    if args.export == "onnx":
+        from gisp_fx.exporters.onnx import export_model
+        from gisp_fx.loading import load_model
+
+        onnx = export_model(load_model(str(result.output)), result.output / "onnx", with_past=True, overwrite=True,
+                            source=str(result.output))
+        print(f"ONNX with KV cache: {onnx.path}/model.onnx (parity vs torch: max |logit diff| {onnx.parity.logits:.1e})")
 
 
 def _materialize(args: argparse.Namespace) -> None:
@@ -54,13 +61,22 @@ def _materialize(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from gisp_fx.loading import load_model
+    from gisp_fx.loading import LoadedModel, load_model
     from gisp_fx.tasks import check_tasks, evaluate, format_results
 
     tasks = check_tasks([t for t in args.tasks.split(",") if t])
     if args.limit is not None and args.limit <= 0:
         raise GispError(f"--limit must be positive, got {args.limit}")
-    loaded = load_model(args.model)
+    from gisp_fx.bench import is_onnx_export
+
+    if is_onnx_export(args.model):  # scored in onnxruntime, with the tokenizer the export carries
+        from gisp_fx.exporters.ort import OrtCausalLM
+        from gisp_fx.loading import load_tokenizer
+
+        model = OrtCausalLM(args.model)
+        loaded = LoadedModel(model, load_tokenizer(str(model.path.parent)), args.model)
+    else:
+        loaded = load_model(args.model)
     results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
                        args.batch_size)
     if args.json:
@@ -96,6 +112,8 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
+    p.add_argument("--export", choices=["onnx"],
+                   help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("materialize", help="rebuild the model at any sparsity of a run's trajectory")

@@ -46,7 +46,7 @@ def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | No
     all_windows = window_ids(tokenizer, seq_len)
     pick = evenly_spaced(len(all_windows), windows)
     data = all_windows[torch.from_numpy(pick)]
-    device = next(model.parameters()).device
+    device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
     nll_sum = 0.0
     model.eval()
     with torch.inference_mode():

@@ -41,7 +41,6 @@ def bundled_gguf(name: str) -> Path:
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load `spec` (bundled name, folder, .gguf file or hub id) as an eval-mode causal LM on `device`."""
-    from transformers import AutoTokenizer
 
     kwargs: dict = {}
     if spec in BUNDLED:
@@ -72,14 +71,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     config = _load_config(spec, where, kwargs, remote)
     _require_causal_lm(spec, config)
     model = _load_weights(spec, where, config, kwargs, dtype, remote)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise GispError(f"model '{spec}': its tokenizer could not be loaded from {where}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(where, kwargs, spec)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec)
+
+
+def load_tokenizer(where: str, kwargs: dict | None = None, spec: str | None = None):
+    """The tokenizer stored at `where` (a pad token set to EOS where it has none), or a clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **(kwargs or {}))
+    except (OSError, ValueError) as exc:
+        raise GispError(f"model '{spec or where}': its tokenizer could not be loaded from {where}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _looks_like_hub_id(spec: str) -> bool:

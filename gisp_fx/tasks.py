@@ -81,7 +81,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     encoded = [_encode(tokenizer, c, x) for c, x in pairs]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
     out = [0.0] * len(encoded)
-    device = next(model.parameters()).device
+    device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0,
     pick = subset(len(rows), limit, seed)
     shots = [rows[i] for i in random.Random(1234).sample([i for i in range(len(rows)) if i not in set(pick)],
                                                         GSM8K_SHOTS)]
-    device = next(model.parameters()).device
+    device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
     hits = 0
     model.eval()
     for i in tqdm(pick, desc="gsm8k", leave=False, disable=not progress, unit="q"):

@@ -164,9 +164,10 @@ def test_cli_compile_on_a_folder(tiny_folder, tmp_path, capsys):
     path = tiny_folder("llama-gqa")
     out = tmp_path / "cli-out"
     assert main(["compile", path, "--sparsity", "0.3", "--steps", "2", "--calib-samples", "8", "--seq-len", "32",
-                 "--eval-windows", "2", "--protect", "none", "--output", str(out)]) == 0
+                 "--eval-windows", "2", "--protect", "none", "--output", str(out), "--export", "onnx"]) == 0
     printed = capsys.readouterr().out
-    assert "report.md" in printed and str(out) in printed
+    assert "report.md" in printed and str(out) in printed and "parity vs torch" in printed
+    assert json.loads((out / "onnx" / "gisp_onnx.json").read_text())["with_past"]
     assert load_model(str(out)).model.config.gisp["linears"]
     assert main(["materialize", str(out), "--step", "1", "--output", str(tmp_path / "m1")]) == 0
     assert main(["materialize", str(out), "--sparsity", "0.9", "--output", str(tmp_path / "m2")]) == 2
