@@ -82,7 +82,7 @@ def load_tokenizer(where: str, kwargs: dict | None = None, spec: str | None = No
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **(kwargs or {}))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError, TypeError) as exc:  # what 5.x and 4.57 raise for missing files
         raise GispError(f"model '{spec or where}': its tokenizer could not be loaded from {where}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

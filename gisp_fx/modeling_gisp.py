@@ -43,8 +43,11 @@ def gisp_implementation(base: str) -> str:
                 fn = ALL_ATTENTION_FUNCTIONS[base]
             return fn(module, query, key, value, attention_mask, **kwargs)
 
+        def mask(*args, **kwargs):  # looked up per call, so a patched base mask (e.g. by an exporter) applies
+            return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
+
         AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        AttentionMaskInterface.register(name, mask)
     return name
 
 
@@ -67,10 +70,14 @@ gisp_implementation("eager")
 class EmptyBlock(nn.Module):
     """An attention or MLP block whose every group was pruned: it adds only its output bias (if it had one)."""
 
-    def __init__(self, hidden_size: int, bias: bool, returns_tuple: bool):
+    def __init__(self, hidden_size: int, bias: bool, returns_tuple: bool, replaces: nn.Module | None = None):
         super().__init__()
         self.out_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         self.returns_tuple = returns_tuple
+        if replaces is not None:  # plain attributes the decoder layer may read (is_sliding, layer_idx, ...)
+            for key, value in vars(replaces).items():
+                if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None))):
+                    setattr(self, key, value)
 
     def forward(self, hidden_states, *args, **kwargs):
         out = torch.zeros_like(hidden_states)
@@ -99,7 +106,8 @@ def apply_structure_(model: nn.Module, structure: dict) -> None:
             if hasattr(module, attr):
                 setattr(module, attr, channels)
     for name, info in structure["empty"].items():
-        _set_module(model, name, EmptyBlock(info["hidden_size"], info["bias"], info["kind"] == "attention"))
+        block = EmptyBlock(info["hidden_size"], info["bias"], info["kind"] == "attention", model.get_submodule(name))
+        _set_module(model, name, block)
     set_attention_impl_(model, structure["base_attention"])
 
 

@@ -145,7 +145,7 @@ def shrink_(model: nn.Module, plan: GroupPlan, selection: Selection) -> GroupPla
         out = model.get_submodule(out_name) if out_name else None
         bias = out.bias.detach().clone() if out is not None and out.bias is not None else None
         hidden = plan.hidden_size
-        new = EmptyBlock(hidden, bias is not None, kind == "attention").to(next(block.parameters()).device)
+        new = EmptyBlock(hidden, bias is not None, kind == "attention", block).to(next(block.parameters()).device)
         if bias is not None:
             new.out_bias.data.copy_(bias)
         _set_module(model, name, new)

@@ -106,5 +106,5 @@ def test_from_pretrained_refuses_weights_that_do_not_match(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["gisp"]["linears"]["model.layers.0.mlp.gate_proj"][1] += 1  # claim one channel more than was saved
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="wrong shape|missing|mismatched_sizes"):
+    with pytest.raises(Exception, match="wrong shape|missing|mismatched_sizes|size mismatch"):
         AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
