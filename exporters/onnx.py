@@ -286,7 +286,9 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
             q = parity(model, layout, tmp / INT8_FILE)  # expected to differ: reported, not enforced
             meta["int8"] = {"file": INT8_FILE, "parity": asdict(q)}
         if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
+            from gisp_fx.save import save_tokenizer
+
+            save_tokenizer(loaded.tokenizer, tmp)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

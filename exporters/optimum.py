@@ -89,7 +89,9 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
             onnx_export_from_model(model, tmp, task=task, do_validation=False)
         _plain_config(tmp, base_class)
         if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
+            from gisp_fx.save import save_tokenizer
+
+            save_tokenizer(loaded.tokenizer, tmp)
         diff = _parity(model, ORTModelForCausalLM.from_pretrained(tmp, use_cache=with_past))
         if diff > tolerance:
             raise GispError(f"--exporter optimum: onnxruntime disagrees with torch beyond {tolerance:g}: max |logit "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 from gisp_fx import modeling_gisp
@@ -30,8 +31,20 @@ def save_pruned(model, tokenizer, folder: Path) -> None:
     model.config.auto_map = dict(AUTO_MAP)
     model.config.architectures = ["GispForCausalLM"]
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     (folder / "modeling_gisp.py").write_text(modeling_source(base))
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """save_pretrained, readable by both transformers lines: 5.x names a plain fast tokenizer 'TokenizersBackend',
+    a class 4.57 does not have; 'PreTrainedTokenizerFast' means the same to both."""
+    tokenizer.save_pretrained(folder)
+    file = Path(folder) / "tokenizer_config.json"
+    if file.is_file():
+        cfg = json.loads(file.read_text())
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            file.write_text(json.dumps(cfg, indent=2))
 
 
 def _base_class(model) -> str:

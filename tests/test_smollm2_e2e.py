@@ -40,3 +40,31 @@ def materialize_final(run, output):
 
     steps = len(json.loads((run / "report.json").read_text())["steps"])
     return materialize(str(run), None, str(output), step=steps)
+
+
+@pytest.mark.slow
+def test_smollm2_onnx_greedy_equals_torch_dense_and_pruned(tmp_path):
+    """ONNX with KV cache of dense and 50 %-pruned SmolLM2: parity, and 32 greedy tokens identical to torch."""
+    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.exporters.ort import OrtCausalLM
+    from gisp_fx.loading import load_model
+
+    out = tmp_path / "smollm2-50"
+    assert main(["compile", "smollm2", "--sparsity", "0.5", "--steps", "2", "--calib-samples", "8", "--seq-len", "64",
+                 "--eval-windows", "4", "--output", str(out), "--export", "onnx"]) == 0
+    dense = load_model("smollm2")
+    export_model(dense, tmp_path / "dense-onnx", with_past=True)
+    tok = dense.tokenizer
+    tok.padding_side = "left"
+    batch = tok(["The capital of France is", "Once upon a time, in a small village by the sea, there lived"],
+                return_tensors="pt", padding=True)
+    assert batch.attention_mask[0, 0] == 0  # the first prompt is left-padded
+    for model, folder in ((dense.model, tmp_path / "dense-onnx"), (load_model(str(out)).model, out / "onnx")):
+        meta = json.loads((folder / "gisp_onnx.json").read_text())
+        assert meta["parity"]["logits"] <= 1e-3 and meta["parity"]["present"] <= 1e-3
+        with torch.no_grad():
+            expected = model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        got = OrtCausalLM(folder).generate(batch.input_ids, batch.attention_mask, max_new_tokens=32,
+                                           pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, expected)
+    assert json.loads((out / "onnx" / "gisp_onnx.json").read_text())["params"]["total"] < 100_000_000
