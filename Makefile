@@ -10,8 +10,9 @@ STAMP457 := $(VENV457)/.installed
 TRANSFORMERS_457 := transformers==4.57.6
 OPTIMUM_ONNX     := optimum-onnx[onnxruntime]==0.1.0
 RUN := runs/smollm2-gisp-50
+VENVLM := .venv-lmeval
 
-.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency trajectory-ppl clean
+.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,10 +59,20 @@ latency: $(STAMP) $(RUN)/report.json
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
+# the project's multiple-choice scorer against lm-evaluation-harness on the same 50 items per task (about 10 minutes)
+$(VENVLM)/.installed:
+	test -x $(VENVLM)/bin/python || $(PYTHON) -m venv $(VENVLM)
+	$(VENVLM)/bin/python -m pip install -q torch==2.13.0
+	$(VENVLM)/bin/python -m pip install -q "lm-eval[hf]==0.4.13" torch==2.13.0
+	touch $@
+
+lm-eval-agreement: $(STAMP) $(VENVLM)/.installed
+	$(BIN)/python benchmarks/lm_eval_agreement.py all --limit 50
+
 # full WikiText-2 perplexity along the trajectory that `make compile` wrote (about 40 minutes on 2 CPU cores)
 trajectory-ppl: $(STAMP)
 	$(BIN)/python benchmarks/trajectory_ppl.py $(RUN) --sparsities 0.2,0.3,0.4,0.5 --windows all \
 		--output benchmarks/results/smollm2-gisp-trajectory
 
 clean:
-	rm -rf $(VENV) $(VENV457) runs build *.egg-info
+	rm -rf $(VENV) $(VENV457) $(VENVLM) runs build *.egg-info

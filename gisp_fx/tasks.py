@@ -1,9 +1,9 @@
 """(model, tokenizer, task) -> accuracy: log-likelihood multiple choice and GSM8K, lm-evaluation-harness style.
 
 Multiple choice: every option's continuation is scored by the sum of its token log-probabilities given the
-context; `acc` takes the argmax, `acc_norm` the argmax of that sum divided by the continuation's length in
-characters (lm-eval's length normalisation). Prompts are lm-eval's (see datasets.MC_TASKS). GSM8K: greedy
-generation after lm-eval's 5-shot prompt, exact match of the final number.
+context; `acc` takes the argmax, `acc_norm` the argmax of that sum divided by the choice's length in characters,
+without the space before it (lm-eval's length normalisation). Prompts are lm-eval's (see datasets.MC_TASKS).
+GSM8K: greedy generation after lm-eval's 5-shot prompt, exact match of the final number.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def mc_accuracy(model, tokenizer, task: str, limit: int | None = None, seed: int
         ll = lls[pos : pos + k]
         pos += k
         correct += max(range(k), key=lambda j: ll[j]) == item.label
-        normed = [ll[j] / max(1, len(item.continuations[j])) for j in range(k)]
+        # lm-eval divides by the choice's length without the " " it puts before the choice
+        normed = [ll[j] / max(1, len(item.continuations[j].removeprefix(" "))) for j in range(k)]
         correct_norm += max(range(k), key=lambda j: normed[j]) == item.label
     acc, acc_norm = correct / len(items), correct_norm / len(items)
     if task in HAS_ACC_NORM:

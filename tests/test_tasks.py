@@ -73,3 +73,15 @@ def test_cli_eval(tiny_folder, capsys):
     assert "--limit must be positive" in capsys.readouterr().err
     assert main(["eval", path, "--tasks", "mmlu"]) == 2
     assert "known tasks" in capsys.readouterr().err
+
+
+def test_acc_norm_divides_by_the_choice_without_its_leading_space(monkeypatch):
+    """As lm-eval: ' ab' counts 2 characters. Dividing by 3 (with the space) would pick the other option here."""
+    import gisp_fx.tasks as tasks
+    from gisp_fx.datasets import McItem
+
+    item = McItem(contexts=("Q:", "Q:"), continuations=(" ab", " abcd"), label=1)
+    monkeypatch.setattr(tasks, "eval_items", lambda task, limit, seed: [item])
+    monkeypatch.setattr(tasks, "loglikelihoods", lambda *a, **k: [-2.0, -3.5])
+    result = tasks.mc_accuracy(None, None, "arc_easy")
+    assert result.extra == {"acc": 0.0, "acc_norm": 1.0}  # -2/2 < -3.5/4, while -2/3 > -3.5/5
