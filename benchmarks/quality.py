@@ -78,14 +78,16 @@ def main() -> None:
             for s in ([target] if method in UNIFORM_METHODS else sparsities):
                 loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))
                 rows.append(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured))
+                write(rows, args, time.perf_counter() - started, final=False)  # a long run leaves what it has
     write(rows, args, time.perf_counter() - started)
 
 
-def write(rows: list[dict], args, wall_s: float) -> None:
+def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed,
-           "calib_samples": args.calib_samples, "steps": args.steps, "wall_s": wall_s, "rows": rows}
+           "calib_samples": args.calib_samples, "steps": args.steps, "wall_s": wall_s, "complete": final,
+           "rows": rows}
     (out / "quality.json").write_text(json.dumps(doc, indent=1))
     head = ["method", "sparsity", "params", "wikitext2 ppl", "cmqa avg", *MC_EVAL_TASKS]
     lines = [f"# Quality on {args.model}", "",
@@ -100,7 +102,8 @@ def write(rows: list[dict], args, wall_s: float) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "quality.png", args.model)
-    print(f"report: {out}/quality.md")
+    if final:
+        print(f"report: {out}/quality.md")
 
 
 def plot(rows: list[dict], path: Path, model: str) -> None:
