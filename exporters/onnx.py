@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,10 +262,9 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
     if quantize not in (None, "int8"):
         raise GispError(f"--quantize: expected 'int8', got '{quantize}'")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should not be
-    try:
+    from gisp_fx.save import staged_dir
+
+    with staged_dir(out) as tmp:
         model = loaded.model.eval()
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
             layout, seconds = write_onnx(model, tmp, with_past)
@@ -293,12 +290,6 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return OnnxExport(out, layout, check, OPSET, seconds)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +78,9 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
     # optimum sizes its dummy and runtime caches from the config: give it the count the layers really have
     model.config.num_key_value_heads = kv
     base_class = type(model).__mro__[1].__name__ if type(model).__name__ == "GispForCausalLM" else type(model).__name__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    from gisp_fx.save import staged_dir
+
+    with staged_dir(out) as tmp:
         task = "text-generation-with-past" if with_past else "text-generation"
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             onnx_export_from_model(model, tmp, task=task, do_validation=False)
@@ -98,12 +95,6 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
                             f"diff| {diff:.3g}; nothing was written")
         (tmp / "gisp_optimum.json").write_text(json.dumps({"source": spec, "kv_heads": kv, "parity_logits": diff,
                                                             "with_past": with_past}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

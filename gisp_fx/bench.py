@@ -290,19 +290,13 @@ def plot(summary: list[dict], settings: BenchSettings, path: Path, title: str) -
 def write_report(summary: list[dict], settings: BenchSettings, output: str | os.PathLike, title: str,
                  extra: dict | None = None) -> Path:
     """bench.md + bench.json + bench.png, written to a temp folder and renamed into place."""
-    import shutil
-    import tempfile
+    from gisp_fx.save import staged_dir
 
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(tmp, 0o755)
     env = environment(settings)
     doc = {"title": title, "settings": asdict(settings), "environment": env, "rows": summary, **(extra or {})}
-    (tmp / "bench.json").write_text(json.dumps(doc, indent=1))
-    (tmp / "bench.md").write_text(f"# {title}\n\n" + markdown(summary, settings, env))
-    plot(summary, settings, tmp / "bench.png", title)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    with staged_dir(out) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(doc, indent=1))
+        (tmp / "bench.md").write_text(f"# {title}\n\n" + markdown(summary, settings, env))
+        plot(summary, settings, tmp / "bench.png", title)
     return out

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from gisp_fx import modeling_gisp
@@ -53,3 +57,20 @@ def _base_class(model) -> str:
         if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
             return cls.__name__
     raise TypeError(f"{type(model).__name__} is not a transformers *ForCausalLM class")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """A private temp folder beside `out`, renamed onto it when the block succeeds and removed when it fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should not be
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
