@@ -313,7 +313,9 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
 
 
 def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[GroupRef, ...]:
-    """The removal-order prefix that reaches `sparsity`, or everything up to `step`."""
+    """The removal-order prefix that reaches `sparsity`, or everything up to `step`; for a uniform per-layer
+    method, the uniform selection at `sparsity` from the run's scores (see _uniform_removals)."""
+    from gisp_fx.config import UNIFORM_METHODS
     from gisp_fx.passes.select import FreedParams
 
     if step is not None:
@@ -327,6 +329,8 @@ def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[Group
     if sparsity is None or not 0 <= sparsity <= final + 1e-9:
         raise GispError(f"materialize: --sparsity must be in [0, {final:.4f}] (this trajectory's range), got {sparsity}")
     target = math.ceil(sparsity * traj.plan.decoder_params - 1e-6)
+    if traj.config.get("method") in UNIFORM_METHODS:
+        return _uniform_removals(traj, target)
     # walk the recorded order; parameters freed are counted on the original plan, as the run counted them
     prefix, freed, counter = [], 0, FreedParams(traj.plan)
     for ref in traj.removed_until(len(traj.steps)):
@@ -335,3 +339,23 @@ def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[Group
         freed += counter.remove(ref)
         prefix.append(ref)
     return tuple(prefix)
+
+
+def _uniform_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
+    """A uniform method scores the dense model once and cuts the same ratio from every layer, so a prefix of its
+    removal order is not what it would remove at a lower target: re-select from the recorded dense scores, which
+    are exactly those a run compiled to this lower target computes (same model, same calibration)."""
+    import numpy as np
+
+    from gisp_fx.passes.importance import Scores
+    from gisp_fx.passes.select import parse_protect, select_uniform
+
+    plan = traj.plan
+    if "step1.heads" not in traj.scores or "step1.channels" not in traj.scores:
+        raise GispError("materialize: this uniform-method run has no recorded scores (trajectory/scores.safetensors)")
+    heads, channels = traj.scores["step1.heads"].numpy(), traj.scores["step1.channels"].numpy()
+    scores = Scores(tuple(heads[l.index, : l.attention.num_heads if l.attention else 0] for l in plan.layers),
+                    tuple(np.zeros(0) for _ in plan.layers),
+                    tuple(channels[l.index, : l.mlp.channels if l.mlp else 0] for l in plan.layers), float("nan"))
+    protect = parse_protect(traj.config.get("protect"), len(plan.layers))
+    return select_uniform(plan, scores, params_needed, protect).removed

@@ -14,7 +14,7 @@ from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.passes.importance import CustomCalibration, LmCalibration
-from gisp_fx.pipeline import compile_model, materialize
+from gisp_fx.pipeline import analyse, compile_model, materialize
 from gisp_fx.trajectory import Trajectory
 
 PROBE = tokens(2, 10, seed=9)
@@ -197,6 +197,21 @@ def test_every_method_writes_the_same_outputs(tmp_path, method):
     if method in ("wanda-sp", "taylor-local"):  # uniform: every unprotected layer keeps the same channel count
         kept = {l["channels"][0] for l in report["layers"][:-1] if l["layer"] >= 1}
         assert len(kept) == 1
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "taylor-local"])
+def test_uniform_run_materializes_what_a_lower_target_compiles(tmp_path, method):
+    # a uniform method's lower sparsities come from its recorded dense scores, not from a prefix of its removal
+    # order (which would empty the first layers): exactly the model a run compiled to that target gives
+    high = _run(tmp_path, "high", method=method, sparsity=0.5)
+    low = _run(tmp_path, "low", method=method, sparsity=0.3)
+    model, plan, sparsity = materialize(str(high.output), 0.3, str(tmp_path / "m"), loaded=_loaded())
+    assert sparsity == pytest.approx(low.report["sparsity"]["measured"])
+    compiled = load_model(str(low.output)).model
+    assert [l.mlp.channels for l in plan.layers] == [l.mlp.channels for l in analyse(compiled).layers]
+    assert len({l.mlp.channels for l in plan.layers}) == 1  # still the same ratio in every layer
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=PROBE).logits, compiled(input_ids=PROBE).logits)
 
 
 def test_baseline_scores_by_hand():
