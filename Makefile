@@ -55,7 +55,7 @@ $(RUN)/report.json: | $(STAMP)
 latency: $(STAMP) $(RUN)/report.json
 	$(BIN)/python benchmarks/latency.py $(RUN)
 
-# the quality table of the README (methods x sparsities on SmolLM2; 82 min measured on 2 shared CPU cores)
+# the quality table of the README (methods x sparsities on SmolLM2; 49 min measured from a fresh clone on 2 CPU cores)
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 

@@ -297,18 +297,14 @@ def materialize_model(traj, sparsity: float | None, *, step: int | None = None, 
 def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
                 overwrite: bool = False, loaded=None):
     """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
-    from gisp_fx.save import save_pruned
+    from gisp_fx.save import save_pruned, staged_dir
 
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pruned(loaded.model, loaded.tokenizer, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    with staged_dir(out) as tmp:
+        save_pruned(loaded.model, loaded.tokenizer, tmp)
     return loaded.model, plan, sparsity
 
 

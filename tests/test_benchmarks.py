@@ -18,15 +18,16 @@ def test_quality_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     model = tiny_folder("llama-gqa")
     out = tmp_path / "quality"
     _run_script("benchmarks/quality.py", ["--model", model, "--methods", "gisp,wanda-sp,random",
-                                          "--sparsities", "0.2,0.4", "--limit", "2", "--windows", "2",
+                                          "--sparsities", "0.3,0.4", "--limit", "2", "--windows", "2",
                                           "--calib-samples", "4", "--steps", "2", "--runs", str(tmp_path / "runs"),
                                           "--output", str(out)], monkeypatch)
     doc = json.loads((out / "quality.json").read_text())
     assert [(r["method"], r["target"]) for r in doc["rows"]] == [
-        ("dense", 0.0), ("gisp", 0.2), ("gisp", 0.4), ("wanda-sp", 0.2), ("wanda-sp", 0.4), ("random", 0.2),
+        ("dense", 0.0), ("gisp", 0.3), ("gisp", 0.4), ("wanda-sp", 0.3), ("wanda-sp", 0.4), ("random", 0.3),
         ("random", 0.4)]
     for r in doc["rows"][1:]:
-        # global methods land within tolerance; a uniform ratio over 4 heads per layer is coarse on a tiny model
+        # global methods land within tolerance; a uniform ratio is coarse on a tiny model (2 unprotected layers of
+        # 4 heads): wanda-sp's smallest step above 20 % is 32.5 %, so the grid starts at 30 %
         slack = 0.1 if r["method"] == "wanda-sp" else 0.03
         assert r["target"] - 1e-9 <= r["sparsity"] <= r["target"] + slack
         assert 0 <= r["cmqa"] <= 1 and r["wikitext2"] > 1
