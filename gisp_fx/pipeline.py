@@ -345,13 +345,12 @@ def _uniform_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
 
     from gisp_fx.passes.importance import Scores
     from gisp_fx.passes.select import parse_protect, select_uniform
+    from gisp_fx.trajectory import dense_scores
 
     plan = traj.plan
     if "step1.heads" not in traj.scores or "step1.channels" not in traj.scores:
         raise GispError("materialize: this uniform-method run has no recorded scores (trajectory/scores.safetensors)")
-    heads, channels = traj.scores["step1.heads"].numpy(), traj.scores["step1.channels"].numpy()
-    scores = Scores(tuple(heads[l.index, : l.attention.num_heads if l.attention else 0] for l in plan.layers),
-                    tuple(np.zeros(0) for _ in plan.layers),
-                    tuple(channels[l.index, : l.mlp.channels if l.mlp else 0] for l in plan.layers), float("nan"))
+    scores = Scores(dense_scores(plan, traj.scores["step1.heads"], "heads"), tuple(np.zeros(0) for _ in plan.layers),
+                    dense_scores(plan, traj.scores["step1.channels"], "channels"), float("nan"))
     protect = parse_protect(traj.config.get("protect"), len(plan.layers))
     return select_uniform(plan, scores, params_needed, protect).removed

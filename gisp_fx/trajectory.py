@@ -61,10 +61,14 @@ class Trajectory:
         return Trajectory(doc["config"], GroupPlan.from_json(doc["plan"]), steps, scores)
 
 
+def _group_counts(plan: GroupPlan, kind: str) -> list[int]:
+    return [(l.attention.num_heads if l.attention else 0) if kind == "heads" else (l.mlp.channels if l.mlp else 0)
+            for l in plan.layers]
+
+
 def scores_table(plan: GroupPlan, alive: list[tuple[list[int], list[int]]], values, kind: str) -> torch.Tensor:
     """Scores of the alive groups laid out on the original plan's grid, NaN where a group is gone."""
-    sizes = [(l.attention.num_heads if l.attention else 0) if kind == "heads" else (l.mlp.channels if l.mlp else 0)
-             for l in plan.layers]
+    sizes = _group_counts(plan, kind)
     width = max(sizes)
     table = np.full((len(plan.layers), width), np.nan, dtype=np.float64)
     for i, (heads, channels) in enumerate(alive):
@@ -72,3 +76,9 @@ def scores_table(plan: GroupPlan, alive: list[tuple[list[int], list[int]]], valu
         if len(ids):
             table[i, ids] = values[i]
     return torch.from_numpy(table)
+
+
+def dense_scores(plan: GroupPlan, table: torch.Tensor, kind: str) -> tuple[np.ndarray, ...]:
+    """The inverse of scores_table for a step that scored every group of `plan` (a run's first step)."""
+    rows = table.numpy()
+    return tuple(rows[i, :n] for i, n in enumerate(_group_counts(plan, kind)))
