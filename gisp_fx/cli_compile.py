@@ -31,7 +31,7 @@ def _compile(args: argparse.Namespace) -> None:
         tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
         calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
-        eval_windows=args.eval_windows,
+        eval_windows=args.eval_windows, bos=args.bos,
     )
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
     r = result.report
@@ -78,11 +78,18 @@ def _eval(args: argparse.Namespace) -> None:
     else:
         loaded = load_model(args.model)
     results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
-                       args.batch_size)
+                       args.batch_size, bos=args.bos)
     if args.json:
         print(json.dumps([vars(r) for r in results], indent=1))
     else:
         print(format_results(results))
+
+
+def _add_bos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                   help="start every calibration/perplexity window with the BOS token: auto (default: when the "
+                        "tokenizer adds one, e.g. Llama-2/3, Mistral, Gemma; SmolLM2 has none), always, or never "
+                        "(one token stream cut into windows: the protocol of published WikiText-2 figures)")
 
 
 def add_compile_commands(sub) -> None:
@@ -109,6 +116,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--eval-windows", type=_windows, default=256,
                    help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
+    _add_bos(p)
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
@@ -136,4 +144,5 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--windows", type=_windows, default=None,
                    help="WikiText-2: a number of evenly spaced windows, or all (default)")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_bos(p)
     p.set_defaults(func=_eval)

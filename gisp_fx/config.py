@@ -12,6 +12,7 @@ NORMALIZE = ("reference", "params", "none")
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
+BOS_MODES = ("auto", "always", "never")  # as gisp_fx.datasets.BOS_MODES (kept here so config stays import-light)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class CompileConfig:
     seed: int = 0
     eval_windows: int | None = 256  # WikiText-2 test windows for the report; None = all 2,382 (about 10 min each)
     version: int = CONFIG_VERSION
+    bos: str = "auto"  # calibration and evaluation windows start with BOS: auto (when the tokenizer adds one) | always | never
 
     def validate(self) -> "CompileConfig":
         if not 0 < self.sparsity <= 0.95:
@@ -53,6 +55,8 @@ class CompileConfig:
                 raise GispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise GispError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.bos not in BOS_MODES:
+            raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         return self

@@ -40,11 +40,12 @@ def inspect_model(spec: str, as_json: bool = False) -> str:
 
 # -- calibration ---------------------------------------------------------------------------------------------
 def build_calibration(config: CompileConfig, tokenizer):
-    from gisp_fx.datasets import lm_windows, wikitext2_train_text
+    from gisp_fx.datasets import lm_windows, wikitext2_train_text, window_bos
     from gisp_fx.passes.importance import LmCalibration
 
+    bos = window_bos(tokenizer, config.bos)
     if config.objective == "margin":
-        return _margin_calibration(config, tokenizer)
+        return _margin_calibration(config, tokenizer, bos)
     if config.calib:
         path = Path(config.calib)
         if not path.is_file():
@@ -52,12 +53,13 @@ def build_calibration(config: CompileConfig, tokenizer):
         text, source = path.read_text(encoding="utf-8"), f"calibration file '{path}'"
     else:
         text, source = wikitext2_train_text(), "the bundled WikiText-2 train text"
-    ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source)
+    ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source, bos)
     return LmCalibration(ids, config.batch_size)
 
 
-def _margin_calibration(config: CompileConfig, tokenizer):
-    """`calib_samples` questions drawn evenly across the tasks' training splits; one sequence per option."""
+def _margin_calibration(config: CompileConfig, tokenizer, bos: int | None):
+    """`calib_samples` questions drawn evenly across the tasks' training splits; one sequence per option, each
+    starting with `bos` when given (the prompt is kept, the oldest context tokens go when it is too long)."""
     import random
 
     from gisp_fx.datasets import mc_train_items
@@ -73,12 +75,13 @@ def _margin_calibration(config: CompileConfig, tokenizer):
             raise GispError(f"calibration: task '{task}' has {len(items)} training questions, {n} were requested")
         for item in rng.sample(items, n):
             for i, (ctx, cont) in enumerate(zip(item.contexts, item.continuations)):
-                ctx_ids = tokenizer(ctx).input_ids
-                whole = tokenizer(ctx + cont).input_ids
+                ctx_ids = tokenizer(ctx, add_special_tokens=False).input_ids
+                whole = tokenizer(ctx + cont, add_special_tokens=False).input_ids
                 option = len(whole) - len(ctx_ids)
                 if option < 1:
                     continue
-                whole = whole[-config.seq_len :]
+                start = [bos] if bos is not None else []
+                whole = start + whole[-(config.seq_len - len(start)):]
                 sequences.append(McSequence(tuple(whole), min(option, len(whole) - 1), i == item.label))
     return MarginCalibration(tuple(sequences), tokenizer.pad_token_id, config.batch_size)
 
@@ -160,8 +163,9 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if dense_path.is_file():
         before = json.loads(dense_path.read_text())
     else:
-        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl")
-        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len}
+        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl",
+                                   bos=config.bos)
+        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len, "bos": ppl.bos}
         partial.mkdir(parents=True, exist_ok=True)
         dense_path.write_text(json.dumps(before))
 
@@ -215,7 +219,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if recaptured != plan:
         raise GispError("verify: the re-captured graph of the pruned model disagrees with the rewrite's plan; "
                         "this is a gisp-fx bug, please report it with the model and settings")
-    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
+    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl",
+                                 bos=config.bos)
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
 
 
@@ -261,7 +266,7 @@ def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial,
     save_pruned(model, tokenizer, partial)
     (partial / "dense_ppl.json").unlink(missing_ok=True)
     report = write_report(partial, config, plan0, plan, traj, before,
-                          {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len},
+                          {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len, "bos": after.bos},
                           wall_s=time.perf_counter() - started,
                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if final.exists():

@@ -39,6 +39,7 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
         "sparsity": {"target": config.sparsity, "measured": sparsity,
                      "of_all_params": 1 - plan.total_params / plan0.total_params},
         "perplexity": {"dataset": "wikitext2 test", "seq_len": before["seq_len"], "windows": before["windows"],
+                       "bos": {"mode": config.bos, "window_starts_with_bos": after.get("bos", False)},
                        "before": before["ppl"], "after": after["ppl"]},
         "layers": layer_rows(plan0, plan), "steps": steps,
         "wall_s": wall_s, "peak_rss_mb": peak_rss_mb,
@@ -56,7 +57,8 @@ def _markdown(r: dict) -> str:
         "| | before | after |", "|---|---:|---:|",
         f"| parameters | {p['before']:,} | {p['after']:,} |",
         f"| decoder-layer parameters | {p['decoder_before']:,} | {p['decoder_after']:,} |",
-        f"| WikiText-2 perplexity ({ppl['seq_len']}-token windows, {ppl['windows']}) | {ppl['before']:.2f} | "
+        f"| WikiText-2 perplexity ({ppl['seq_len']}-token windows, {ppl['windows']}"
+        f"{', each starting with BOS' if ppl['bos']['window_starts_with_bos'] else ''}) | {ppl['before']:.2f} | "
         f"{ppl['after']:.2f} |", "",
         f"Measured decoder-layer sparsity **{100 * s['measured']:.2f} %** (target {100 * s['target']:.1f} %; "
         f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
