@@ -31,7 +31,9 @@ def _compile(args: argparse.Namespace) -> None:
         tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
         calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
-        eval_windows=args.eval_windows, bos=args.bos,
+        eval_windows=args.eval_windows, bos=args.bos, pg_iters=args.pg_iters, pg_samples=args.pg_samples,
+        pg_lr=args.pg_lr, pg_init=args.pg_init, pg_groups=args.pg_groups, pg_budget=args.pg_budget,
+        pg_penalty=args.pg_penalty,
     )
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
     r = result.report
@@ -98,8 +100,9 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--sparsity", type=float, required=True,
                    help="target decoder-layer parameter sparsity in (0, 0.95], measured")
     p.add_argument("--method", default="gisp",
-                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random"],
-                   help="gisp (default, iterative); oneshot = GISP in one step; baselines: wanda-sp (|W|*||X||, "
+                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg"],
+                   help="gisp (default, iterative); oneshot = GISP in one step; pg = policy-gradient pruning "
+                        "(forward passes only, inference memory; the --pg-* flags); baselines: wanda-sp (|W|*||X||, "
                         "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
     p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
     p.add_argument("--tasks", help="margin objective: comma-separated tasks, e.g. arc_easy,arc_challenge")
@@ -117,6 +120,21 @@ def add_compile_commands(sub) -> None:
                    help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
     _add_bos(p)
+    pg = p.add_argument_group("--method pg (policy gradient; the reference ran 15,000 iterations on a GPU)")
+    pg.add_argument("--pg-iters", type=int, default=100,
+                    help="iterations (default 100: about 6 minutes for SmolLM2 at batch 8 x 128 on 2 CPU cores)")
+    pg.add_argument("--pg-samples", type=int, default=2, help="masks sampled per iteration, K >= 2 (default 2)")
+    pg.add_argument("--pg-lr", type=float, default=0.05,
+                    help="peak learning rate of the cosine schedule (default 0.05; the reference's 2e-3 suits "
+                         "its 15,000 iterations)")
+    pg.add_argument("--pg-init", default="sigmap", choices=["sigmap", "const", "random"],
+                    help="initial probabilities: sigmap of the Wanda-sp metric (default), const, random")
+    pg.add_argument("--pg-groups", default="kv", choices=["kv", "head"],
+                    help="attention unit: a K/V group with its query heads (kv, the reference) or one query head")
+    pg.add_argument("--pg-budget", default="params", choices=["params", "reference"],
+                    help="params (default): expected freed decoder parameters = the target; reference: one kept "
+                         "ratio of attention units and of channels, as in the paper")
+    pg.add_argument("--pg-penalty", type=float, default=0.0, help="push of the probabilities toward 0/1 (default 0)")
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")

@@ -9,7 +9,7 @@ from gisp_fx.errors import GispError
 CONFIG_VERSION = 1
 OBJECTIVES = ("ppl", "margin")
 NORMALIZE = ("reference", "params", "none")
-METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random")
+METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 BOS_MODES = ("auto", "always", "never")  # as gisp_fx.datasets.BOS_MODES (kept here so config stays import-light)
@@ -35,6 +35,14 @@ class CompileConfig:
     eval_windows: int | None = 256  # WikiText-2 test windows for the report; None = all 2,382 (about 10 min each)
     version: int = CONFIG_VERSION
     bos: str = "auto"  # calibration and evaluation windows start with BOS: auto (when the tokenizer adds one) | always | never
+    # --method pg (policy gradient, forward only; passes/pg.py)
+    pg_iters: int = 100
+    pg_samples: int = 2
+    pg_lr: float = 0.05
+    pg_init: str = "sigmap"
+    pg_groups: str = "kv"
+    pg_budget: str = "params"
+    pg_penalty: float = 0.0
 
     def validate(self) -> "CompileConfig":
         if not 0 < self.sparsity <= 0.95:
@@ -44,6 +52,11 @@ class CompileConfig:
         if self.objective == "margin" and self.method not in GRADIENT_METHODS:
             raise GispError(f"--objective margin needs a gradient method ({', '.join(GRADIENT_METHODS)}); "
                             f"'{self.method}' does not use gradients")
+        if self.method == "pg":
+            if self.objective != "ppl":
+                raise GispError("--method pg learns from the perplexity objective only; --objective margin needs "
+                                "gradients per option (use --method gisp)")
+            self.pg_config().validate()
         if self.objective not in OBJECTIVES:
             raise GispError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
         if self.objective == "margin" and not self.tasks:
@@ -69,6 +82,12 @@ class CompileConfig:
     def schedule_steps(self) -> int:
         """GISP iterates; every other method (one-shot GISP and the baselines) prunes in one step."""
         return self.steps if self.effective_method == "gisp" else 1
+
+    def pg_config(self):
+        from gisp_fx.passes.pg import PgConfig
+
+        return PgConfig(iters=self.pg_iters, samples=self.pg_samples, lr=self.pg_lr, init=self.pg_init,
+                        granularity=self.pg_groups, budget=self.pg_budget, penalty=self.pg_penalty, seed=self.seed)
 
     def to_json(self) -> dict:
         d = asdict(self)

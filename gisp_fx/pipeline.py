@@ -190,11 +190,15 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         t = len(traj.steps) + 1
         t0 = time.perf_counter()
         try:
-            scores = _method_scores(config, model, plan, calib, progress, t)
+            if config.method == "pg":
+                scores, selection = _pg_step(config, model, plan, calib, target_removed - removed_params, protect,
+                                             traj, progress)
+            else:
+                scores = _method_scores(config, model, plan, calib, progress, t)
+                selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
-        selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
@@ -242,6 +246,17 @@ def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, tr
         traj.config["groups_per_step"] = math.ceil(groups_to_reach(plan, ranked, needed) / config.schedule_steps)
     cap = needed + math.floor(TOLERANCE * plan0.decoder_params)
     return select(plan, ranked, traj.config.get("groups_per_step"), needed, params_cap=cap)
+
+
+def _pg_step(config: CompileConfig, model, plan: GroupPlan, calib, needed: int, protect: frozenset[int], traj,
+             progress: bool):
+    """Policy-gradient pruning: learn keep-probabilities (forward passes only), then drop the least likely."""
+    from gisp_fx.passes.pg import pg_prune, select_by_probability
+
+    result = pg_prune(model, plan, calib, needed, protect, config.pg_config(), progress)
+    traj.history = result.history
+    selection = select_by_probability(plan, result.units, result.probs, needed, config.pg_budget)
+    return result.scores(plan), selection
 
 
 def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int):
@@ -332,6 +347,8 @@ def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[Group
     target = math.ceil(sparsity * traj.plan.decoder_params - 1e-6)
     if traj.config.get("method") in UNIFORM_METHODS:
         return _uniform_removals(traj, target)
+    if traj.config.get("method") == "pg":
+        return _pg_removals(traj, target)
     # walk the recorded order; parameters freed are counted on the original plan, as the run counted them
     prefix, freed, counter = [], 0, FreedParams(traj.plan)
     for ref in traj.removed_until(len(traj.steps)):
@@ -359,3 +376,23 @@ def _uniform_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
                     dense_scores(plan, traj.scores["step1.channels"], "channels"), float("nan"))
     protect = parse_protect(traj.config.get("protect"), len(plan.layers))
     return select_uniform(plan, scores, params_needed, protect).removed
+
+
+def _pg_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
+    """A pg run at a lower sparsity: the least likely structures under the run's learned probabilities (what the
+    probabilities rank; a run to that sparsity would learn other probabilities)."""
+    import numpy as np
+
+    from gisp_fx.config import CompileConfig
+    from gisp_fx.passes.pg import build_units, select_by_probability
+    from gisp_fx.passes.select import parse_protect
+    from gisp_fx.trajectory import dense_scores
+
+    config = CompileConfig.from_json(traj.config)
+    plan = traj.plan
+    units = build_units(plan, config.pg_groups, parse_protect(config.protect, len(plan.layers)))
+    heads = dense_scores(plan, traj.scores["step1.heads"], "heads")
+    channels = dense_scores(plan, traj.scores["step1.channels"], "channels")
+    probs = np.array([(heads if refs[0].kind is Kind.HEAD else channels)[refs[0].layer][refs[0].index]
+                      for refs in units.groups])
+    return select_by_probability(plan, units, probs, params_needed, config.pg_budget).removed

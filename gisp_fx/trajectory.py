@@ -35,6 +35,7 @@ class Trajectory:
     plan: GroupPlan  # the original model's plan: the indices `removed` refer to
     steps: list[Step] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "step{t}.heads" [L, H0] ..., NaN once removed
+    history: list[dict] = field(default_factory=list)  # per-iteration record of an iterative optimiser (pg)
 
     def removed_until(self, step: int) -> tuple[GroupRef, ...]:
         return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
@@ -42,7 +43,7 @@ class Trajectory:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"version": TRAJECTORY_VERSION, "config": self.config, "plan": self.plan.to_json(),
-               "steps": [asdict(s) for s in self.steps]}
+               "steps": [asdict(s) for s in self.steps], "history": self.history}
         tmp = folder / "trajectory.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         if self.scores:
@@ -58,7 +59,7 @@ class Trajectory:
         steps = [Step(**{**s, "removed": tuple(tuple(r) for r in s["removed"])}) for s in doc["steps"]]
         scores_path = folder / "scores.safetensors"
         scores = load_file(str(scores_path)) if scores_path.is_file() else {}
-        return Trajectory(doc["config"], GroupPlan.from_json(doc["plan"]), steps, scores)
+        return Trajectory(doc["config"], GroupPlan.from_json(doc["plan"]), steps, scores, doc.get("history", []))
 
 
 def _group_counts(plan: GroupPlan, kind: str) -> list[int]:
