@@ -53,9 +53,6 @@ class CompileConfig:
             raise GispError(f"--objective margin needs a gradient method ({', '.join(GRADIENT_METHODS)}); "
                             f"'{self.method}' does not use gradients")
         if self.method == "pg":
-            if self.objective != "ppl":
-                raise GispError("--method pg learns from the perplexity objective only; --objective margin needs "
-                                "gradients per option (use --method gisp)")
             self.pg_config().validate()
         if self.objective not in OBJECTIVES:
             raise GispError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
