@@ -84,7 +84,7 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
 
     with staged_dir(out) as tmp:
         task = "text-generation-with-past" if with_past else "text-generation"
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with contextlib.redirect_stdout(open(os.devnull, "w")), _as_base_class(model):
             onnx_export_from_model(model, tmp, task=task, do_validation=False)
         _plain_config(tmp, base_class)
         if loaded.tokenizer is not None:
@@ -98,6 +98,19 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
         (tmp / "gisp_optimum.json").write_text(json.dumps({"source": spec, "kv_heads": kv, "parity_logits": diff,
                                                             "with_past": with_past}, indent=1))
     return out
+
+
+@contextlib.contextmanager
+def _as_base_class(model: torch.nn.Module):
+    """optimum tells the library from the class's module: a pruned model built by gisp-fx's loader (GispMixin over
+    the transformers class) exports as its transformers base class, whose forward it runs anyway."""
+    cls = type(model)
+    base = next(c for c in cls.__mro__ if c.__module__.startswith("transformers."))
+    model.__class__ = base
+    try:
+        yield
+    finally:
+        model.__class__ = cls
 
 
 def _parity(model: torch.nn.Module, ort_model) -> float:
