@@ -26,7 +26,9 @@ def analyse(model) -> GroupPlan:
     """capture + find_groups on an in-memory model."""
     from gisp_fx.passes.capture import capture
     from gisp_fx.passes.groups import find_groups
+    from gisp_fx.passes.normalize import linearize_
 
+    linearize_(model)  # Conv1D / custom linears -> nn.Linear, in place, so that the graph shows aten.linear
     return find_groups(capture(model))
 
 

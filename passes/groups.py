@@ -30,7 +30,8 @@ LAYOUT = {
     aten.slice.Tensor, aten.select.int, aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.clone.default, aten.contiguous.default, aten.alias.default,
     aten.t.default, aten.index_select.default, aten.flatten.using_ints, aten.unflatten.int, aten.detach.default,
-    aten.narrow.default, aten.repeat_interleave.self_int,
+    aten.narrow.default, aten.repeat_interleave.self_int, aten.stack.default, aten.index.Tensor,
+    aten.unfold.default,
 }
 # Ops that change dtype/device only: labels pass unchanged.
 IDENTITY = {
@@ -86,6 +87,7 @@ class _Sdpa:
     kv_roots: list[int | None]  # per key slot
     head_ids: torch.Tensor
     enable_gqa: bool
+    query_ids: list[np.ndarray]  # per query slot: the (unmerged) labels it carries, to name what merges heads
 
 
 @dataclass
@@ -95,6 +97,8 @@ class _Run:
     col_labels: dict[str, torch.Tensor | None] = field(default_factory=dict)  # linear node -> input label
     sdpas: list[_Sdpa] = field(default_factory=list)
     mixed: dict[int, str] = field(default_factory=dict)  # label -> node whose op mixed it beyond analysis
+    in_features: dict[str, int] = field(default_factory=dict)  # linear node -> its weight's input width
+    reductions: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (op, the labels one output merged)
     outputs: list[torch.Tensor] = field(default_factory=list)  # labels of the graph's outputs
 
 
@@ -146,6 +150,7 @@ class _LabelInterpreter(torch.fx.Interpreter):
         if n.target is LINEAR:
             x = n.args[0]
             run.col_labels[n.name] = self.labels.get(x) if isinstance(self.labels.get(x), torch.Tensor) else None
+            run.in_features[n.name] = int(self.env[n.args[1]].shape[-1])
             ids = run.uf.fresh(value.shape[-1])
             run.row_ids[n.name] = ids
             return ids.expand(value.shape)
@@ -192,6 +197,10 @@ class _LabelInterpreter(torch.fx.Interpreter):
         moved = lab.permute(*keep, *dims).reshape(*[lab.shape[d] for d in keep], -1)
         first = moved[..., :1].expand(moved.shape)
         self.run_state.uf.union(first.reshape(-1).numpy().copy(), moved.reshape(-1).numpy().copy())
+        one = moved.reshape(-1, moved.shape[-1])[0].numpy() if moved.numel() else np.zeros(0, np.int64)
+        stack = n.meta.get("nn_module_stack") or {}
+        where = list(stack.values())[-1][0] if stack else "?"
+        self.run_state.reductions.append((f"{n.target} at node '{n.name}' in '{where}'", np.unique(one[one >= 0])))
         reduced = moved[..., 0]
         if value.dim() == lab.dim():  # keepdim
             for d in sorted(dims):
@@ -236,7 +245,10 @@ class _LabelInterpreter(torch.fx.Interpreter):
             if r is not None:
                 run.uf.union(np.array([int(head_ids[j])]), np.array([r]))
         gqa = bool(n.kwargs.get("enable_gqa", n.args[7] if len(n.args) > 7 else False))
-        run.sdpas.append(_Sdpa(n.name, module, value.shape[-1], query_roots, kv_roots, head_ids, gqa))
+        query_ids = [np.unique(ids[ids >= 0]) for ids in
+                     (q[:, j].reshape(-1).numpy() if isinstance(q, torch.Tensor) else np.zeros(0, np.int64)
+                      for j in range(nq))]
+        run.sdpas.append(_Sdpa(n.name, module, value.shape[-1], query_roots, kv_roots, head_ids, gqa, query_ids))
         return head_ids.view(1, nq, 1, 1).expand(value.shape)
 
 
@@ -261,11 +273,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
     infos: dict[str, LinearInfo] = {}
     for ln in captured.linears:
         out_f = len(run.row_ids[ln.node])
-        in_f = run.col_labels[ln.node].shape[-1] if run.col_labels[ln.node] is not None else None
-        weight_numel = captured.param_numel.get(ln.weight)
-        if in_f is None and weight_numel is not None:
-            in_f = weight_numel // out_f
-        infos[ln.module] = LinearInfo(ln.module, int(in_f or 0), out_f, ln.bias is not None)
+        infos[ln.module] = LinearInfo(ln.module, run.in_features[ln.node], out_f, ln.bias is not None)
     mixed_roots = {int(uf.find(np.array([i]))[0]): where for i, where in run.mixed.items()}
 
     # Per linear: the class of each output row, and of each input column (None when unlabelled or mixed).
@@ -275,7 +283,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         if lab is None:
             col_root[node] = [None] * infos[modules_of[node]].in_features
             continue
-        flat = lab.reshape(-1, lab.shape[-1]).numpy()
+        flat = lab.reshape(int(np.prod(lab.shape[:-1])), lab.shape[-1]).numpy()
         roots = uf.find(np.where(flat >= 0, flat, 0))
         whole = (flat >= 0).all(axis=0) & (roots == roots[:1]).all(axis=0)
         col_root[node] = [int(r) if ok else None for r, ok in zip(roots[0], whole)]
@@ -299,6 +307,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
     blocks: list[tuple[int, str, object]] = []  # (graph position, block module, block)
     order = {n.name: i for i, n in enumerate(captured.module.graph.nodes)}
     claimed: set[int] = set()
+    kept_why: dict[str, str] = {}  # linear -> why it is kept whole although it sits in a decoder layer
 
     for sd in run.sdpas:
         if any(r is None for r in sd.query_roots) or any(r is None for r in sd.kv_roots):
@@ -312,12 +321,22 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         nq, nslots = len(head_roots), len(sd.kv_roots)
         if nslots == nq:
             kv_of_head = [kv_unique.index(int(uf.find(np.array([r]))[0])) for r in sd.kv_roots]
+        elif nslots == 1:  # one K/V head broadcast over every query head (multi-query attention)
+            kv_of_head = [0] * nq
         elif sd.enable_gqa and nq % nslots == 0:
             kv_of_head = [kv_unique.index(int(uf.find(np.array([sd.kv_roots[j // (nq // nslots)]]))[0]))
                           for j in range(nq)]
         else:
             continue
         if set(head_roots) & mixed_roots.keys() or set(kv_unique) & mixed_roots.keys():
+            continue
+        if len(set(head_roots)) < nq or set(head_roots) & set(kv_unique):
+            # Groups must be disjoint: an op spanning several heads makes them one class, not removable one by one.
+            why = _merged_heads_reason(sd, run)
+            for r in set(head_roots) | set(kv_unique):
+                for node, _ in list(rows_in(r)) + list(cols_in(r)):
+                    kept_why.setdefault(modules_of[node], why)
+            claimed.update(head_roots, kv_unique)
             continue
         query = _members([list(rows_in(r)) + [(n, c, Axis.COLS) for n, c in cols_in(r)] for r in head_roots],
                          modules_of)
@@ -367,7 +386,11 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         graph_out.update(uf.find(ids[ids >= 0]).tolist())
     for ln in captured.linears:
         info = infos[ln.module]
-        if covered[ln.module]:
+        if covered[ln.module] or 0 in (info.in_features, info.out_features):
+            continue  # grouped, or emptied to zero width by an earlier rewrite (no features left to group)
+        if ln.module in kept_why:
+            if (ln.module, kept_why[ln.module]) not in kept:
+                kept.append((ln.module, kept_why[ln.module]))
             continue
         rows = set(row_root[ln.node].tolist())
         if rows <= graph_out and not rows & consumed and not rows & mixed_roots.keys():
@@ -393,6 +416,8 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
 
 def _extra_params(captured: Captured, block: str, members) -> int:
     """Parameters under `block` that belong to none of its member linears (norms inside attention, say)."""
+    if block in captured.layers:
+        return 0  # the block has no module of its own (OPT's fc1/fc2 sit in the decoder layer): nothing extra
     linears = {m.module for m in members}
     return sum(n for name, n in captured.param_numel.items()
                if name.startswith(block + ".") and name.rsplit(".", 1)[0] not in linears)
@@ -423,17 +448,35 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
+def _merged_heads_reason(sd: _Sdpa, run: _Run) -> str:
+    """Why the heads of `sd` form one group: the first reduction whose output merged labels of two query heads."""
+    for op, ids in run.reductions:
+        if sum(bool(np.intersect1d(ids, q).size) for q in sd.query_ids) >= 2:
+            return (f"its {len(sd.query_ids)} attention heads form one group: {op} spans more than one head, so "
+                    "heads cannot be removed one at a time; the attention is kept whole")
+    return (f"its {len(sd.query_ids)} attention heads form one group (an op between the projections and "
+            f"'{sd.node}' spans more than one head), so heads cannot be removed one at a time")
+
+
+def _owner(module: str, layers: tuple[str, ...]) -> str | None:
+    return next((name for name in layers if module == name or module.startswith(name + ".")), None)
+
+
 def _layers(blocks, captured: Captured) -> tuple[LayerPlan, ...]:
-    by_parent: dict[str, dict] = {}
-    for pos, module, block in sorted(blocks, key=lambda b: b[0]):
-        parent = module.rsplit(".", 1)[0] if "." in module else module
-        slot = by_parent.setdefault(parent, {"pos": pos, "attention": None, "mlp": None})
+    """One LayerPlan per decoder layer of the model, in order, empty ones included (both blocks pruned away)."""
+    slots = {name: {"attention": None, "mlp": None} for name in captured.layers}
+    for _, module, block in sorted(blocks, key=lambda b: b[0]):
+        owner = _owner(module, captured.layers)
+        if owner is None:
+            raise GispError(f"analysis: block '{module}' lies outside the decoder layers ('{captured.layers[0]}' ..."
+                            f" '{captured.layers[-1]}'); gisp-fx prunes heads and channels inside decoder layers only")
         key = "attention" if isinstance(block, AttentionBlock) else "mlp"
-        if slot[key] is not None:
-            raise GispError(f"analysis: module '{parent}' holds two {key} blocks; one layer per block pair expected")
-        slot[key] = block
+        if slots[owner][key] is not None:
+            raise GispError(f"analysis: decoder layer '{owner}' holds two {key} blocks ('{slots[owner][key].module}' "
+                            f"and '{module}'); one attention and one MLP per layer expected")
+        slots[owner][key] = block
     layers = []
-    for i, (parent, slot) in enumerate(sorted(by_parent.items(), key=lambda kv: kv[1]["pos"])):
-        params = sum(n for name, n in captured.param_numel.items() if name.startswith(parent + "."))
-        layers.append(LayerPlan(i, parent, params, slot["attention"], slot["mlp"]))
+    for i, name in enumerate(captured.layers):
+        params = sum(n for pname, n in captured.param_numel.items() if pname.startswith(name + "."))
+        layers.append(LayerPlan(i, name, params, slots[name]["attention"], slots[name]["mlp"]))
     return tuple(layers)
