@@ -180,6 +180,28 @@ def fit_fused_widths_(module: nn.Module, num_heads: int) -> None:
         module.split_size = num_heads * head_dim
 
 
+def base_key_mapping(cls: type) -> dict[str, str] | None:
+    """The checkpoint renamings transformers applies when loading the base class (GPT-NeoX: embed_out -> lm_head).
+
+    Saving from the base class writes the checkpoint's names; transformers skips these renamings for custom code,
+    so the pruned model asks for them by name. None on lines without conversion mappings (4.57 keeps the names).
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("transformers.models.")), None)
+    if base is None:
+        return None
+    conversions = get_checkpoint_conversion_mapping(base.__name__) or []
+    mapping = {}
+    for t in conversions:
+        sources, targets = getattr(t, "source_patterns", None), getattr(t, "target_patterns", None)
+        if type(t).__name__ == "WeightRenaming" and len(sources or ()) == 1 and len(targets or ()) == 1:
+            mapping[sources[0]] = targets[0]
+    return mapping or None
+
+
 class GispMixin:
     """Mixed into the base architecture's *ForCausalLM class in each saved model's modeling file."""
 
@@ -190,6 +212,8 @@ class GispMixin:
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("key_mapping") is None and base_key_mapping(cls):
+            kwargs["key_mapping"] = base_key_mapping(cls)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise ValueError(
