@@ -26,9 +26,9 @@ def analyse(model) -> GroupPlan:
     """capture + find_groups on an in-memory model."""
     from gisp_fx.passes.capture import capture
     from gisp_fx.passes.groups import find_groups
-    from gisp_fx.passes.normalize import linearize_
+    from gisp_fx.passes.normalize import normalize_
 
-    linearize_(model)  # Conv1D / custom linears -> nn.Linear, in place, so that the graph shows aten.linear
+    normalize_(model)  # refuses declared unsupported configs; Conv1D / custom linears -> nn.Linear, in place
     return find_groups(capture(model))
 
 

@@ -31,7 +31,7 @@ LAYOUT = {
     aten.chunk.default, aten.unbind.int, aten.clone.default, aten.contiguous.default, aten.alias.default,
     aten.t.default, aten.index_select.default, aten.flatten.using_ints, aten.unflatten.int, aten.detach.default,
     aten.narrow.default, aten.repeat_interleave.self_int, aten.stack.default, aten.index.Tensor,
-    aten.unfold.default,
+    aten.unfold.default, aten.broadcast_to.default,
 }
 # Ops that change dtype/device only: labels pass unchanged.
 IDENTITY = {

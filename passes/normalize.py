@@ -1,4 +1,4 @@
-"""nn.Module -> the same nn.Module with every linear-like layer a plain nn.Linear (in place; weights kept exactly).
+"""nn.Module -> the same nn.Module, checked prunable, with every linear-like layer a plain nn.Linear (in place).
 
 Some families compute linears their own way: GPT-2's `Conv1D` stores its weight as [in, out] and runs addmm;
 Falcon's `FalconLinear` subclasses nn.Linear but runs `x @ W.T + b`. Neither reaches the graph as aten.linear, so
@@ -14,6 +14,27 @@ from torch import nn
 
 from gisp_fx.errors import GispError
 from gisp_fx.modeling_gisp import LINEARIZED_ATTR, _set_module, linear_like
+
+
+# Config switches whose effect no traced value shows, under which removing heads would silently change the model.
+# Declared per family (model_type, the switch, why), checked before analysis.
+REFUSED = (
+    ("falcon", lambda c: bool(getattr(c, "alibi", False)),
+     "alibi=True: ALiBi slopes are computed from the number of heads, so removing heads would change the slopes "
+     "of the heads that stay"),
+    ("falcon", lambda c: bool(c.new_decoder_architecture) and (c.num_kv_heads or 1) > 1,
+     "new_decoder_architecture with num_kv_heads > 1: its fused query_key_value is reshaped to "
+     "num_heads // num_kv_heads query heads per K/V group, which breaks once groups keep different head counts"),
+)
+
+
+def normalize_(model: nn.Module) -> tuple[str, ...]:
+    """Refuse the declared unsupported configurations, then linearize_; the names linearized."""
+    config = getattr(model, "config", None)
+    for model_type, applies, why in REFUSED:
+        if getattr(config, "model_type", None) == model_type and applies(config):
+            raise GispError(f"analysis: {type(model).__name__} with {why}; gisp-fx cannot prune its heads correctly")
+    return linearize_(model)
 
 
 def linearize_(model: nn.Module) -> tuple[str, ...]:
