@@ -113,11 +113,12 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, ...]:
     count = getattr(model.config, "num_hidden_layers", None)
     lists = [name for name, m in model.named_modules()
              if isinstance(m, torch.nn.ModuleList) and count is not None and len(m) == count
-             and any(isinstance(x, torch.nn.Linear) for x in m.modules())]
+             and all(any(True for _ in x.parameters()) for x in m)]
+    lists = [n for n in lists if not any(n.startswith(other + ".") for other in lists)]  # outermost only
     if len(lists) != 1:
         raise GispError(
             f"capture: cannot tell the decoder layers of {type(model).__name__}: expected one nn.ModuleList of "
-            f"config.num_hidden_layers={count} layers holding linears, found {len(lists)} ({', '.join(lists)}); "
+            f"config.num_hidden_layers={count} layers with weights, found {len(lists)} ({', '.join(lists)}); "
             "gisp-fx needs a decoder-only model with one list of layers"
         )
     return tuple(f"{lists[0]}.{i}" if lists[0] else str(i) for i in range(count))

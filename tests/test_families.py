@@ -211,3 +211,17 @@ def test_compile_to_90_percent_keeps_emptied_layers(arch, tmp_path):
         expected = loaded.model(input_ids=ids, attention_mask=mask).logits
         again = AutoModelForCausalLM.from_pretrained(result.output, trust_remote_code=True).eval()
         assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_mixture_of_experts_is_refused_naming_the_router():
+    """Routed experts mix channels through a data-dependent choice: refused, naming each router linear."""
+    import transformers
+
+    from conftest import BASE
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**BASE, num_local_experts=4,
+                                                                       num_experts_per_tok=2)).eval()
+    with pytest.raises(GispError, match="could not be placed in a prunable group") as err:
+        analyse(model)
+    assert all(f"model.layers.{i}.mlp.gate (64->4)" in str(err.value) for i in range(3))
