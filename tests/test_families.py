@@ -63,7 +63,8 @@ def test_family_groups(family):
         assert layer.mlp.channels == channels
     _assert_disjoint(plan)
     assert 0 < plan.prunable_params < plan.decoder_params
-    assert plan.kept[-1][0] == "lm_head"
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())  # GPT-NeoX 4.57: embed_out
+    assert plan.kept[-1] == (head, "output projection: its outputs are the model's outputs")
 
 
 def test_olmo2_heads_merged_by_the_q_norm_are_kept_whole_with_the_reason(tiny_folder, capsys):
@@ -225,3 +226,16 @@ def test_mixture_of_experts_is_refused_naming_the_router():
     with pytest.raises(GispError, match="could not be placed in a prunable group") as err:
         analyse(model)
     assert all(f"model.layers.{i}.mlp.gate (64->4)" in str(err.value) for i in range(3))
+
+
+def test_compile_beyond_the_prunable_share_is_refused_up_front(tmp_path):
+    """OLMo-2 can lose only MLP channels (42.4 % of its decoder layers here): 0.9 is refused before any work."""
+    from gisp_fx.config import CompileConfig
+    from gisp_fx.pipeline import compile_model
+
+    config = CompileConfig(model="tiny", sparsity=0.9, output=str(tmp_path / "run"), steps=3, protect="none",
+                           eval_windows=2)
+    with pytest.raises(GispError, match=r"only 27,648 of the model's 65,184 decoder-layer parameters are prunable "
+                                        r"\(42.4 %\); choose --sparsity below 0.424"):
+        compile_model(config, loaded=LoadedModel(tiny_model("olmo2"), tiny_tokenizer(), "tiny"), progress=False)
+    assert not (tmp_path / "run").exists()
