@@ -105,7 +105,7 @@ def _as_base_class(model: torch.nn.Module):
     """optimum tells the library from the class's module: a pruned model built by gisp-fx's loader (GispMixin over
     the transformers class) exports as its transformers base class, whose forward it runs anyway."""
     cls = type(model)
-    base = next(c for c in cls.__mro__ if c.__module__.startswith("transformers."))
+    base = next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
     model.__class__ = base
     try:
         yield

@@ -194,8 +194,10 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     Touched per token is what a decode step reads: everything except the input embedding table, of which a step
     reads one row, unless that table is also the LM head (tied), which reads all of it.
     """
+    from gisp_fx.passes.capture import decoder_layers
+
     total = sum(p.numel() for p in model.parameters())
-    decoder = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    decoder = sum(p.numel() for name in decoder_layers(model) for p in model.get_submodule(name).parameters())
     embed = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is embed

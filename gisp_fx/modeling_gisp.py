@@ -129,6 +129,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_structure_(model: nn.Module, structure: dict) -> None:
     """Give `model` the pruned shapes in `structure` (config.gisp); weights are whatever the caller loads next."""
+    linearize_modules_(model, structure.get("linearized", ()))
     for name, (in_f, out_f, bias) in structure["linears"].items():
         old = model.get_submodule(name)
         if (old.in_features, old.out_features) != (in_f, out_f):
@@ -168,6 +169,7 @@ def configure_attention_(module: nn.Module, num_heads: int, num_kv_heads: int, k
         module.config = copy.copy(module.config)
         module.config.num_attention_heads = num_heads
         module.config.num_key_value_heads = num_kv_heads
+    fit_fused_widths_(module, num_heads)
 
 
 def even_groups(num_heads: int, kv_map) -> int | None:
@@ -180,11 +182,76 @@ def even_groups(num_heads: int, kv_map) -> int | None:
 
 
 def set_attention_impl_(model: nn.Module, base: str) -> None:
-    name = gisp_implementation(base)
+    name = base if calls_sdpa_itself(model) else gisp_implementation(base)
     for m in model.modules():
         config = getattr(m, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
             config._attn_implementation = name
+
+
+# -- model families: linear-like layers, fused widths, attention that bypasses the interface -----------------------
+LINEARIZED_ATTR = "gisp_linearized"  # on the top model: modules replaced by plain nn.Linear (recorded in config.gisp)
+# Attention modules that test `config._attn_implementation == "sdpa"` and call torch SDPA themselves: a gisp_ name
+# would send them down their eager path. Their K/V heads need no gather (MHA or one broadcast K/V head), so the
+# base name is kept. Declared, because no graph shows which branch an implementation name would take.
+SELF_SDPA_MODEL_TYPES = ("falcon",)
+
+
+def calls_sdpa_itself(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in SELF_SDPA_MODEL_TYPES
+
+
+def linear_like(module: nn.Module) -> nn.Linear | None:
+    """An empty nn.Linear of `module`'s shape if it is a Conv1D ([in, out] weight) or an nn.Linear subclass with a
+    forward of its own (FalconLinear); None otherwise."""
+    if isinstance(module, nn.Linear):
+        if type(module).forward is nn.Linear.forward:
+            return None
+        in_f, out_f = module.in_features, module.out_features
+    elif type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers."):
+        in_f, out_f = module.weight.shape
+    else:
+        return None
+    w = module.weight
+    return nn.Linear(in_f, out_f, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+
+
+def linearize_modules_(model: nn.Module, names) -> None:
+    """Rebuild as plain nn.Linear the modules a pruned model recorded as linearized (weights are loaded next)."""
+    for name in names:
+        new = linear_like(model.get_submodule(name))
+        if new is not None:
+            _set_module(model, name, new)
+    setattr(model, LINEARIZED_ATTR, tuple(names))
+
+
+def fit_fused_widths_(module: nn.Module, num_heads: int) -> None:
+    """Widths a fused-projection attention splits by (GPT-2's `split_size` = heads * head_dim) follow the heads."""
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(getattr(module, "split_size", None), int) and isinstance(head_dim, int):
+        module.split_size = num_heads * head_dim
+
+
+def base_key_mapping(cls: type) -> dict[str, str] | None:
+    """The checkpoint renamings transformers applies when loading the base class (GPT-NeoX: embed_out -> lm_head).
+
+    Saving from the base class writes the checkpoint's names; transformers skips these renamings for custom code,
+    so the pruned model asks for them by name. None on lines without conversion mappings (4.57 keeps the names).
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("transformers.models.")), None)
+    if base is None:
+        return None
+    conversions = get_checkpoint_conversion_mapping(base.__name__) or []
+    mapping = {}
+    for t in conversions:
+        sources, targets = getattr(t, "source_patterns", None), getattr(t, "target_patterns", None)
+        if type(t).__name__ == "WeightRenaming" and len(sources or ()) == 1 and len(targets or ()) == 1:
+            mapping[sources[0]] = targets[0]
+    return mapping or None
 
 
 class GispMixin:
@@ -197,6 +264,8 @@ class GispMixin:
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("key_mapping") is None and base_key_mapping(cls):
+            kwargs["key_mapping"] = base_key_mapping(cls)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise ValueError(

@@ -26,7 +26,9 @@ def analyse(model) -> GroupPlan:
     """capture + find_groups on an in-memory model."""
     from gisp_fx.passes.capture import capture
     from gisp_fx.passes.groups import find_groups
+    from gisp_fx.passes.normalize import normalize_
 
+    normalize_(model)  # refuses declared unsupported configs; Conv1D / custom linears -> nn.Linear, in place
     return find_groups(capture(model))
 
 
@@ -158,6 +160,11 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     protect = parse_protect(config.protect, len(plan0.layers))
     target_removed = math.ceil(config.sparsity * plan0.decoder_params)
+    if target_removed > plan0.prunable_params:  # e.g. OLMo-2, whose attention is kept whole
+        share = plan0.prunable_params / plan0.decoder_params
+        raise GispError(f"--sparsity {config.sparsity}: only {plan0.prunable_params:,} of the model's "
+                        f"{plan0.decoder_params:,} decoder-layer parameters are prunable ({100 * share:.1f} %); "
+                        f"choose --sparsity below {share:.3f} (`gisp-fx inspect` lists what is kept whole and why)")
 
     dense_path = partial / "dense_ppl.json"  # measured on the unpruned model, before any replay
     if dense_path.is_file():

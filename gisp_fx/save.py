@@ -76,10 +76,10 @@ def saved_runtime_version(folder: Path) -> int:
 
 def base_class(model) -> str:
     """The transformers class the pruned model is an instance of (its GispForCausalLM base, once reloaded)."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
+    for cls in type(model).__mro__:  # *ForCausalLM, or an older name for the same head (GPT2LMHeadModel)
+        if cls.__module__.startswith("transformers.models.") and cls.__name__.endswith(("ForCausalLM", "LMHeadModel")):
             return cls.__name__
-    raise TypeError(f"{type(model).__name__} is not a transformers *ForCausalLM class")
+    raise TypeError(f"{type(model).__name__} is not a transformers causal-LM class (*ForCausalLM, *LMHeadModel)")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ class Captured:
     hidden_size: int
     param_numel: dict[str, int]  # every parameter (tied ones once), by dotted name
     example: dict[str, torch.Tensor]
+    layers: tuple[str, ...] = ()  # dotted names of the decoder layers, in order (the model's own layer list)
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,7 +104,24 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor] | None = No
     return Captured(
         program=program, module=gm, linears=linears, model_type=model.config.model_type,
         hidden_size=model.config.hidden_size, param_numel=param_numel, example=example,
+        layers=decoder_layers(model),
     )
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, ...]:
+    """The model's decoder layers: the one nn.ModuleList of config.num_hidden_layers modules (its own layer list)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    lists = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and count is not None and len(m) == count
+             and all(any(True for _ in x.parameters()) for x in m)]
+    lists = [n for n in lists if not any(n.startswith(other + ".") for other in lists)]  # outermost only
+    if len(lists) != 1:
+        raise GispError(
+            f"capture: cannot tell the decoder layers of {type(model).__name__}: expected one nn.ModuleList of "
+            f"config.num_hidden_layers={count} layers with weights, found {len(lists)} ({', '.join(lists)}); "
+            "gisp-fx needs a decoder-only model with one list of layers"
+        )
+    return tuple(f"{lists[0]}.{i}" if lists[0] else str(i) for i in range(count))
 
 
 def _linear_nodes(gm: torch.fx.GraphModule):

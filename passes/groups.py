@@ -10,240 +10,21 @@ residual stream (never pruned). Nothing here knows module names or architectures
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from gisp_fx.errors import GispError
 from gisp_fx.plan import AttentionBlock, Axis, GroupPlan, LayerPlan, LinearInfo, Member, MlpBlock
-from gisp_fx.passes.capture import LINEAR, Captured
-
-aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
-# Ops that only move elements: applying them to the label tensor moves the labels the same way.
-LAYOUT = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
-    aten.slice.Tensor, aten.select.int, aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.chunk.default, aten.unbind.int, aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.t.default, aten.index_select.default, aten.flatten.using_ints, aten.unflatten.int, aten.detach.default,
-    aten.narrow.default, aten.repeat_interleave.self_int,
-}
-# Ops that change dtype/device only: labels pass unchanged.
-IDENTITY = {
-    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default,
-    aten.dropout.default, aten.lift_fresh_copy.default,
-}
-NO_VALUE = {aten._assert_tensor_metadata.default}
-# Ops whose output does not depend on their input's values.
-CONSTANT_LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
-                 aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default}
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent = np.zeros(0, dtype=np.int64)
-
-    def fresh(self, n: int) -> torch.Tensor:
-        start = len(self.parent)
-        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
-        return torch.arange(start, start + n, dtype=torch.int64)
-
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        roots = self.parent[ids]
-        while True:
-            up = self.parent[roots]
-            if np.array_equal(up, roots):
-                return roots
-            roots = up
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Merge a[i] with b[i] for every i (entries < 0 mean 'no label' and are skipped)."""
-        keep = (a >= 0) & (b >= 0)
-        a, b = a[keep], b[keep]
-        while len(a):
-            ra, rb = self.find(a), self.find(b)
-            differ = ra != rb
-            if not differ.any():
-                return
-            ra, rb = ra[differ], rb[differ]
-            lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
-            self.parent[hi] = lo  # conflicting writes resolve on the next round
-            # compress so that the next find is short
-            self.parent[: len(self.parent)] = self.parent[self.parent]
-            a, b = lo, hi
-
-
-@dataclass
-class _Sdpa:
-    node: str
-    module: str
-    head_dim: int
-    query_roots: list[int | None]
-    kv_roots: list[int | None]  # per key slot
-    head_ids: torch.Tensor
-    enable_gqa: bool
-
-
-@dataclass
-class _Run:
-    uf: _UnionFind = field(default_factory=_UnionFind)
-    row_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # linear node -> label of each output row
-    col_labels: dict[str, torch.Tensor | None] = field(default_factory=dict)  # linear node -> input label
-    sdpas: list[_Sdpa] = field(default_factory=list)
-    mixed: dict[int, str] = field(default_factory=dict)  # label -> node whose op mixed it beyond analysis
-    outputs: list[torch.Tensor] = field(default_factory=list)  # labels of the graph's outputs
-
-
-class _LabelInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, run: _Run):
-        super().__init__(gm)
-        self.run_state = run
-        self.labels: dict[torch.fx.Node, object] = {}
-
-    def run_node(self, n: torch.fx.Node):
-        value = super().run_node(n)
-        if n.op == "call_function":
-            self.labels[n] = self._label(n, value)
-        elif n.op == "output":
-            for arg in torch.utils._pytree.tree_leaves(n.args):
-                lab = self.labels.get(arg) if isinstance(arg, torch.fx.Node) else None
-                if isinstance(lab, torch.Tensor):
-                    self.run_state.outputs.append(lab)
-        return value
-
-    # -- helpers ----------------------------------------------------------------------------------------
-    def _tensor_inputs(self, n: torch.fx.Node):
-        out = []
-        for arg in list(n.args) + list(n.kwargs.values()):
-            for a in arg if isinstance(arg, (list, tuple)) else [arg]:
-                if isinstance(a, torch.fx.Node) and isinstance(self.env.get(a), torch.Tensor):
-                    out.append((a, self.env[a], self.labels.get(a)))
-        return out
-
-    def _swap(self, obj):
-        """Replace tensor-valued nodes by their labels (or -1 filled tensors) and others by their values."""
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._swap(o) for o in obj)
-        if isinstance(obj, torch.fx.Node):
-            value = self.env[obj]
-            label = self.labels.get(obj)
-            if isinstance(label, torch.Tensor):
-                return label
-            if isinstance(value, torch.Tensor) and value.is_floating_point():  # unlabelled data
-                return torch.full(value.shape, -1, dtype=torch.int64)
-            return value  # sizes, and integer tensors used as indices
-        return obj
-
-    # -- the rules --------------------------------------------------------------------------------------
-    def _label(self, n: torch.fx.Node, value):
-        run = self.run_state
-        inputs = self._tensor_inputs(n)
-        labelled = [(node, v, lab) for node, v, lab in inputs if isinstance(lab, torch.Tensor)]
-        if n.target is LINEAR:
-            x = n.args[0]
-            run.col_labels[n.name] = self.labels.get(x) if isinstance(self.labels.get(x), torch.Tensor) else None
-            ids = run.uf.fresh(value.shape[-1])
-            run.row_ids[n.name] = ids
-            return ids.expand(value.shape)
-        if n.target is SDPA:
-            return self._sdpa(n, value)
-        if n.target is operator.getitem:
-            source = self.labels.get(n.args[0])
-            return source[n.args[1]] if isinstance(source, (list, tuple)) else None
-        if not labelled:
-            return None
-        if n.target in NO_VALUE or n.target in CONSTANT_LIKE:
-            return None
-        if n.target in IDENTITY:
-            return labelled[0][2] if n.args and n.args[0] is labelled[0][0] else None
-        if n.target in LAYOUT:
-            args = self._swap(n.args)
-            kwargs = {k: self._swap(v) for k, v in n.kwargs.items()}
-            return n.target(*args, **kwargs)
-        tags = getattr(n.target, "tags", ())
-        if torch.Tag.pointwise in tags and isinstance(value, torch.Tensor):
-            return self._pointwise(labelled, value)
-        if torch.Tag.reduction in tags and isinstance(value, torch.Tensor):
-            return self._reduction(n, labelled, value)
-        self._mix(n, labelled)
-        return None
-
-    def _pointwise(self, labelled, value: torch.Tensor) -> torch.Tensor:
-        uf = self.run_state.uf
-        shaped = [lab.expand(value.shape) for _, _, lab in labelled if lab.dim() <= value.dim()]
-        out = shaped[0].clone()
-        for other in shaped[1:]:
-            a, b = out.reshape(-1).numpy(), other.reshape(-1).numpy()
-            uf.union(a.copy(), b.copy())
-            out = torch.where(out >= 0, out, other)
-        return out
-
-    def _reduction(self, n: torch.fx.Node, labelled, value: torch.Tensor) -> torch.Tensor | None:
-        _, source_value, lab = labelled[0]
-        dims = n.args[1] if len(n.args) > 1 else None
-        if dims is None or dims == []:
-            dims = list(range(lab.dim()))
-        dims = [d % lab.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-        keep = [d for d in range(lab.dim()) if d not in dims]
-        moved = lab.permute(*keep, *dims).reshape(*[lab.shape[d] for d in keep], -1)
-        first = moved[..., :1].expand(moved.shape)
-        self.run_state.uf.union(first.reshape(-1).numpy().copy(), moved.reshape(-1).numpy().copy())
-        reduced = moved[..., 0]
-        if value.dim() == lab.dim():  # keepdim
-            for d in sorted(dims):
-                reduced = reduced.unsqueeze(d)
-        return reduced.expand(value.shape) if reduced.dim() == value.dim() else None
-
-    def _mix(self, n: torch.fx.Node, labelled) -> None:
-        """An op this pass does not model: everything it touched is merged and marked unanalysable."""
-        ids = np.concatenate([lab.reshape(-1).numpy() for _, _, lab in labelled])
-        ids = np.unique(ids[ids >= 0])
-        if len(ids):
-            self.run_state.uf.union(np.full(len(ids), ids[0]), ids)
-            self.run_state.mixed[int(ids[0])] = f"{n.name} ({n.target})"
-
-    def _sdpa(self, n: torch.fx.Node, value: torch.Tensor) -> torch.Tensor:
-        run = self.run_state
-        q, k, v = (self.labels.get(a) for a in n.args[:3])
-        stack = n.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else n.name
-
-        def slot_roots(lab, slots):
-            roots = []
-            for j in range(slots):
-                ids = lab[:, j].reshape(-1).numpy() if isinstance(lab, torch.Tensor) else np.zeros(0, np.int64)
-                ids = np.unique(ids[ids >= 0])
-                if not len(ids):
-                    roots.append(None)
-                    continue
-                run.uf.union(np.full(len(ids), ids[0]), ids)
-                roots.append(int(ids[0]))
-            return roots
-
-        nq, nk = self.env[n.args[0]].shape[1], self.env[n.args[1]].shape[1]
-        query_roots = slot_roots(q, nq)
-        key_roots, value_roots = slot_roots(k, nk), slot_roots(v, nk)
-        for kr, vr in zip(key_roots, value_roots):
-            if kr is not None and vr is not None:
-                run.uf.union(np.array([kr]), np.array([vr]))
-        kv_roots = [kr if kr is not None else vr for kr, vr in zip(key_roots, value_roots)]
-        head_ids = run.uf.fresh(nq)
-        for j, r in enumerate(query_roots):
-            if r is not None:
-                run.uf.union(np.array([int(head_ids[j])]), np.array([r]))
-        gqa = bool(n.kwargs.get("enable_gqa", n.args[7] if len(n.args) > 7 else False))
-        run.sdpas.append(_Sdpa(n.name, module, value.shape[-1], query_roots, kv_roots, head_ids, gqa))
-        return head_ids.view(1, nq, 1, 1).expand(value.shape)
+from gisp_fx.passes.capture import Captured
+from gisp_fx.passes.labels import LabelInterpreter, LabelRun, SdpaSite
 
 
 def find_groups(captured: Captured) -> GroupPlan:
     """Find query heads, K/V groups and MLP channels of every layer from the captured graph's data flow."""
-    run = _Run()
-    interp = _LabelInterpreter(captured.module, run)
+    run = LabelRun()
+    interp = LabelInterpreter(captured.module, run)
     with torch.no_grad():
         interp.run(*_flat_inputs(captured))
     return _build_plan(captured, run)
@@ -254,18 +35,14 @@ def _flat_inputs(captured: Captured):
     return [captured.example[n.target] for n in captured.module.graph.nodes if n.op == "placeholder"]
 
 
-def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
+def _build_plan(captured: Captured, run: LabelRun) -> GroupPlan:
     uf = run.uf
     by_node = {ln.node: ln for ln in captured.linears}
     modules_of = {ln.node: ln.module for ln in captured.linears}
     infos: dict[str, LinearInfo] = {}
     for ln in captured.linears:
         out_f = len(run.row_ids[ln.node])
-        in_f = run.col_labels[ln.node].shape[-1] if run.col_labels[ln.node] is not None else None
-        weight_numel = captured.param_numel.get(ln.weight)
-        if in_f is None and weight_numel is not None:
-            in_f = weight_numel // out_f
-        infos[ln.module] = LinearInfo(ln.module, int(in_f or 0), out_f, ln.bias is not None)
+        infos[ln.module] = LinearInfo(ln.module, run.in_features[ln.node], out_f, ln.bias is not None)
     mixed_roots = {int(uf.find(np.array([i]))[0]): where for i, where in run.mixed.items()}
 
     # Per linear: the class of each output row, and of each input column (None when unlabelled or mixed).
@@ -275,7 +52,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         if lab is None:
             col_root[node] = [None] * infos[modules_of[node]].in_features
             continue
-        flat = lab.reshape(-1, lab.shape[-1]).numpy()
+        flat = lab.reshape(int(np.prod(lab.shape[:-1])), lab.shape[-1]).numpy()
         roots = uf.find(np.where(flat >= 0, flat, 0))
         whole = (flat >= 0).all(axis=0) & (roots == roots[:1]).all(axis=0)
         col_root[node] = [int(r) if ok else None for r, ok in zip(roots[0], whole)]
@@ -299,6 +76,7 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
     blocks: list[tuple[int, str, object]] = []  # (graph position, block module, block)
     order = {n.name: i for i, n in enumerate(captured.module.graph.nodes)}
     claimed: set[int] = set()
+    kept_why: dict[str, str] = {}  # linear -> why it is kept whole although it sits in a decoder layer
 
     for sd in run.sdpas:
         if any(r is None for r in sd.query_roots) or any(r is None for r in sd.kv_roots):
@@ -312,12 +90,22 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         nq, nslots = len(head_roots), len(sd.kv_roots)
         if nslots == nq:
             kv_of_head = [kv_unique.index(int(uf.find(np.array([r]))[0])) for r in sd.kv_roots]
+        elif nslots == 1:  # one K/V head broadcast over every query head (multi-query attention)
+            kv_of_head = [0] * nq
         elif sd.enable_gqa and nq % nslots == 0:
             kv_of_head = [kv_unique.index(int(uf.find(np.array([sd.kv_roots[j // (nq // nslots)]]))[0]))
                           for j in range(nq)]
         else:
             continue
         if set(head_roots) & mixed_roots.keys() or set(kv_unique) & mixed_roots.keys():
+            continue
+        if len(set(head_roots)) < nq or set(head_roots) & set(kv_unique):
+            # Groups must be disjoint: an op spanning several heads makes them one class, not removable one by one.
+            why = _merged_heads_reason(sd, run)
+            for r in set(head_roots) | set(kv_unique):
+                for node, _ in list(rows_in(r)) + list(cols_in(r)):
+                    kept_why.setdefault(modules_of[node], why)
+            claimed.update(head_roots, kv_unique)
             continue
         query = _members([list(rows_in(r)) + [(n, c, Axis.COLS) for n, c in cols_in(r)] for r in head_roots],
                          modules_of)
@@ -367,7 +155,11 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
         graph_out.update(uf.find(ids[ids >= 0]).tolist())
     for ln in captured.linears:
         info = infos[ln.module]
-        if covered[ln.module]:
+        if covered[ln.module] or 0 in (info.in_features, info.out_features):
+            continue  # grouped, or emptied to zero width by an earlier rewrite (no features left to group)
+        if ln.module in kept_why:
+            if (ln.module, kept_why[ln.module]) not in kept:
+                kept.append((ln.module, kept_why[ln.module]))
             continue
         rows = set(row_root[ln.node].tolist())
         if rows <= graph_out and not rows & consumed and not rows & mixed_roots.keys():
@@ -393,6 +185,8 @@ def _build_plan(captured: Captured, run: _Run) -> GroupPlan:
 
 def _extra_params(captured: Captured, block: str, members) -> int:
     """Parameters under `block` that belong to none of its member linears (norms inside attention, say)."""
+    if block in captured.layers:
+        return 0  # the block has no module of its own (OPT's fc1/fc2 sit in the decoder layer): nothing extra
     linears = {m.module for m in members}
     return sum(n for name, n in captured.param_numel.items()
                if name.startswith(block + ".") and name.rsplit(".", 1)[0] not in linears)
@@ -423,17 +217,35 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
+def _merged_heads_reason(sd: SdpaSite, run: LabelRun) -> str:
+    """Why the heads of `sd` form one group: the first reduction whose output merged labels of two query heads."""
+    for op, ids in run.reductions:
+        if sum(bool(np.intersect1d(ids, q).size) for q in sd.query_ids) >= 2:
+            return (f"its {len(sd.query_ids)} attention heads form one group: {op} spans more than one head, so "
+                    "heads cannot be removed one at a time; the attention is kept whole")
+    return (f"its {len(sd.query_ids)} attention heads form one group (an op between the projections and "
+            f"'{sd.node}' spans more than one head), so heads cannot be removed one at a time")
+
+
+def _owner(module: str, layers: tuple[str, ...]) -> str | None:
+    return next((name for name in layers if module == name or module.startswith(name + ".")), None)
+
+
 def _layers(blocks, captured: Captured) -> tuple[LayerPlan, ...]:
-    by_parent: dict[str, dict] = {}
-    for pos, module, block in sorted(blocks, key=lambda b: b[0]):
-        parent = module.rsplit(".", 1)[0] if "." in module else module
-        slot = by_parent.setdefault(parent, {"pos": pos, "attention": None, "mlp": None})
+    """One LayerPlan per decoder layer of the model, in order, empty ones included (both blocks pruned away)."""
+    slots = {name: {"attention": None, "mlp": None} for name in captured.layers}
+    for _, module, block in sorted(blocks, key=lambda b: b[0]):
+        owner = _owner(module, captured.layers)
+        if owner is None:
+            raise GispError(f"analysis: block '{module}' lies outside the decoder layers ('{captured.layers[0]}' ..."
+                            f" '{captured.layers[-1]}'); gisp-fx prunes heads and channels inside decoder layers only")
         key = "attention" if isinstance(block, AttentionBlock) else "mlp"
-        if slot[key] is not None:
-            raise GispError(f"analysis: module '{parent}' holds two {key} blocks; one layer per block pair expected")
-        slot[key] = block
+        if slots[owner][key] is not None:
+            raise GispError(f"analysis: decoder layer '{owner}' holds two {key} blocks ('{slots[owner][key].module}' "
+                            f"and '{module}'); one attention and one MLP per layer expected")
+        slots[owner][key] = block
     layers = []
-    for i, (parent, slot) in enumerate(sorted(by_parent.items(), key=lambda kv: kv[1]["pos"])):
-        params = sum(n for name, n in captured.param_numel.items() if name.startswith(parent + "."))
-        layers.append(LayerPlan(i, parent, params, slot["attention"], slot["mlp"]))
+    for i, name in enumerate(captured.layers):
+        params = sum(n for pname, n in captured.param_numel.items() if pname.startswith(name + "."))
+        layers.append(LayerPlan(i, name, params, slots[name]["attention"], slots[name]["mlp"]))
     return tuple(layers)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gisp_fx.modeling_gisp import (
+    LINEARIZED_ATTR,
     EmptyBlock,
     _set_module,
     base_implementation,
@@ -92,7 +93,10 @@ def restrict(plan: GroupPlan, selection: Selection) -> Rewrite:
         if mlp is not None and channels_out:
             kept_channels = [c for c in range(mlp.channels) if c not in channels_out]
             if not kept_channels:
-                empty[mlp.module] = "mlp"
+                if mlp.module != layer.module:
+                    empty[mlp.module] = "mlp"
+                # else the MLP has no module of its own (OPT's fc1/fc2 sit in the decoder layer): its linears stay,
+                # zero channels wide; fc2 then adds only its bias, as an emptied MLP should
                 mlp = None
             else:
                 mlp = replace(mlp, members=tuple(_remap(m, kept_channels, keep[(m.module, m.axis)])
@@ -180,4 +184,5 @@ def structure_of(model: nn.Module) -> dict:
     if existing:
         return existing
     base = base_implementation(model.config._attn_implementation)
-    return {"base_attention": base, "linears": {}, "attention": {}, "mlp": {}, "empty": {}}
+    return {"base_attention": base, "linears": {}, "attention": {}, "mlp": {}, "empty": {},
+            "linearized": list(getattr(model, LINEARIZED_ATTR, ()))}

@@ -28,10 +28,30 @@ ARCHS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
 
+# Families whose configs do not follow Llama's field names: complete kwargs each (hidden 64, 4 heads of 16, 48 MLP
+# channels, 3 layers, as above), with their own expectations in tests/test_families.py.
+IDS = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(IDS, hidden_size=64, ffn_dim=48, num_hidden_layers=3,
+                                                num_attention_heads=4, max_position_embeddings=256,
+                                                word_embed_proj_dim=64)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(IDS, n_embd=64, n_inner=48, n_layer=3, n_head=4, n_positions=256)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(IDS, hidden_size=64, ffn_hidden_size=48, num_hidden_layers=3,
+                                                         num_attention_heads=4)),  # multi-query, parallel attention
+    "falcon-mha": ("FalconConfig", "FalconForCausalLM", dict(IDS, hidden_size=64, ffn_hidden_size=48,
+                                                             num_hidden_layers=3, num_attention_heads=4,
+                                                             multi_query=False, parallel_attn=False, bias=True)),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(IDS, hidden_size=64, intermediate_size=48,
+                                                             num_hidden_layers=3, num_attention_heads=4,
+                                                             max_position_embeddings=256, rotary_pct=0.5)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(BASE)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(BASE)),  # q/k norms span all heads: MLP channels only
+}
+
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    cfg_name, model_name, extra = ARCHS[arch]
-    kwargs = {**BASE, **extra, **overrides}
+    cfg_name, model_name, extra = ARCHS[arch] if arch in ARCHS else FAMILIES[arch]
+    kwargs = {**(BASE if arch in ARCHS else {}), **extra, **overrides}
     config = getattr(transformers, cfg_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
