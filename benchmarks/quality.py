@@ -77,7 +77,8 @@ def main() -> None:
     for method in methods:
         out = runs / f"{method}-{round(100 * target)}"
         if not (out / "report.json").is_file():
-            compile_model(_config(method, args.model, target, out, args), overwrite=True, loaded=_fresh(original))
+            compile_model(_config(method, args.model, target, out, args), overwrite=True, discard_partial=True,
+                          loaded=_fresh(original))
         traj = load_trajectory(str(out))
         for s in sparsities:
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))

@@ -66,8 +66,11 @@ def _bench(args: argparse.Namespace) -> None:
         check_output_folder(args.output)
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise GispError(f"--output '{args.output}' exists; pass --overwrite to replace it, or choose another folder")
-    if args.repeats < 1:
-        raise GispError(f"--repeats must be at least 1, got {args.repeats}")
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--prompt", args.prompt, 1),
+                               ("--decode", args.decode, 0), ("--warmup", args.warmup, 0),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            raise GispError(f"{flag} must be at least {least}, got {value}")
     settings = BenchSettings(prefill=args.prefill, prompt=args.prompt, decode=args.decode, repeats=args.repeats,
                              warmup=args.warmup, threads=args.threads, provider=args.provider)
     rows = run_bench(args.models, settings, engines=args.engines.split(","), opts=args.ort_opt.split(","))

@@ -316,6 +316,8 @@ def test_unfinished_run_is_kept(tmp_path, capsys):
     (["export", "no/such/folder/here", "--output", "{tmp}/e"], "not a bundled model"),
     (["bench", "{folder}", "--provider", "tpu"], "provider 'tpu' is not available"),
     (["bench", "{folder}", "--ort-opt", "max"], "--ort-opt"),
+    (["bench", "{folder}", "--threads", "-1"], "--threads must be at least 0, got -1"),
+    (["bench", "{folder}", "--decode", "-4"], "--decode must be at least 0, got -4"),
     (["compile", "{folder}", "--sparsity", "0.3", "--protect", "0,7", "--output", "{tmp}/c"], "layers [7] do not"),
 ])
 def test_typos(tiny_folder, tmp_path, capsys, argv, message):
