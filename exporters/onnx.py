@@ -88,10 +88,13 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
+    from gisp_fx.modeling_gisp import empty_attention_layers
+
+    emptied = empty_attention_layers(model)  # their cache layer holds only a length-keeping stub
     layers, heads, dims, dtype = [], [], [], "float32"
     for i, layer in enumerate(cache.layers[:n]):
         keys = getattr(layer, "keys", None)
-        if keys is None or keys.numel() == 0:
+        if keys is None or keys.numel() == 0 or i in emptied:
             continue
         layers.append(i)
         heads.append(keys.shape[1])

@@ -77,7 +77,9 @@ def export_optimum(spec: str, output: str | os.PathLike, *, with_past: bool = Tr
     kv = uniform_kv_heads(model)
     # optimum sizes its dummy and runtime caches from the config: give it the count the layers really have
     model.config.num_key_value_heads = kv
-    base_class = type(model).__mro__[1].__name__ if type(model).__name__ == "GispForCausalLM" else type(model).__name__
+    from gisp_fx.save import base_class as transformers_class
+
+    base_class = transformers_class(model)  # the transformers class, not GispForCausalLM's mixin
     from gisp_fx.save import staged_dir
 
     with staged_dir(out) as tmp:

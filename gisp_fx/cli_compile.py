@@ -21,7 +21,8 @@ def _windows(value: str) -> int | None:
 
 
 # flags whose argparse default is None, so that a flag the user gave can be told from one left at its default
-OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize")
+PG_FLAGS = ("pg_iters", "pg_samples", "pg_lr", "pg_init", "pg_groups", "pg_budget", "pg_penalty")
+OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS)
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -41,7 +42,7 @@ def _compile(args: argparse.Namespace) -> None:
         tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
         calib_samples=flag["calib_samples"], seq_len=flag["seq_len"], batch_size=flag["batch_size"],
         steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
-        eval_windows=args.eval_windows,
+        eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
     )
     config.validate(frozenset(given))
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume,
@@ -93,11 +94,18 @@ def _eval(args: argparse.Namespace) -> None:
     else:
         loaded = load_model(args.model)
     results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
-                       args.batch_size)
+                       args.batch_size, bos=args.bos)
     if args.json:
         print(json.dumps([vars(r) for r in results], indent=1))
     else:
         print(format_results(results))
+
+
+def _add_bos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                   help="start every calibration/perplexity window with the BOS token: auto (default: when the "
+                        "tokenizer adds one, e.g. Llama-2/3, Mistral, Gemma; SmolLM2 has none), always, or never "
+                        "(one token stream cut into windows: the protocol of published WikiText-2 figures)")
 
 
 def add_compile_commands(sub) -> None:
@@ -106,8 +114,9 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--sparsity", type=float, required=True,
                    help="target decoder-layer parameter sparsity in (0, 0.95], measured")
     p.add_argument("--method", default="gisp",
-                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random"],
-                   help="gisp (default, iterative); oneshot = GISP in one step; baselines: wanda-sp (|W|*||X||, "
+                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg"],
+                   help="gisp (default, iterative); oneshot = GISP in one step; pg = policy-gradient pruning "
+                        "(forward passes only, inference memory; the --pg-* flags); baselines: wanda-sp (|W|*||X||, "
                         "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
     p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
     p.add_argument("--tasks", help="margin objective only: comma-separated tasks, e.g. arc_easy,arc_challenge")
@@ -129,6 +138,22 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--eval-windows", type=_windows, default=256,
                    help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
+    _add_bos(p)
+    pg = p.add_argument_group("--method pg (policy gradient; the reference ran 15,000 iterations on a GPU)")
+    pg.add_argument("--pg-iters", type=int,
+                    help="iterations (default 100: about 6 minutes for SmolLM2 at batch 8 x 128 on 2 CPU cores)")
+    pg.add_argument("--pg-samples", type=int, help="masks sampled per iteration, K >= 2 (default 2)")
+    pg.add_argument("--pg-lr", type=float,
+                    help="peak learning rate of the cosine schedule (default 0.05; the reference's 2e-3 suits "
+                         "its 15,000 iterations)")
+    pg.add_argument("--pg-init", choices=["sigmap", "const", "random"],
+                    help="initial probabilities: sigmap of the Wanda-sp metric (default), const, random")
+    pg.add_argument("--pg-groups", choices=["kv", "head"],
+                    help="attention unit: a K/V group with its query heads (kv, the reference) or one query head")
+    pg.add_argument("--pg-budget", choices=["params", "reference"],
+                    help="params (default): expected freed decoder parameters = the target; reference: one kept "
+                         "ratio of attention units and of channels, as in the paper")
+    pg.add_argument("--pg-penalty", type=float, help="push of the probabilities toward 0/1 (default 0)")
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
@@ -159,4 +184,5 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--windows", type=_windows, default=None,
                    help="WikiText-2: a number of evenly spaced windows, or all (default)")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_bos(p)
     p.set_defaults(func=_eval)

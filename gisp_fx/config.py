@@ -9,11 +9,12 @@ from gisp_fx.errors import GispError
 CONFIG_VERSION = 1
 OBJECTIVES = ("ppl", "margin")
 NORMALIZE = ("reference", "params", "none")
-METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random")
+METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 CALIBRATION_FREE = ("magnitude", "random")  # score from the weights (or the seed) alone
 NORMALIZING_METHODS = ("gisp", "oneshot")  # the methods whose global ranking --normalize changes
+BOS_MODES = ("auto", "always", "never")  # as gisp_fx.datasets.BOS_MODES (kept here so config stays import-light)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class CompileConfig:
     seed: int = 0
     eval_windows: int | None = 256  # WikiText-2 test windows for the report; None = all 2,382 (about 10 min each)
     version: int = CONFIG_VERSION
+    bos: str = "auto"  # calibration and evaluation windows start with BOS: auto (when the tokenizer adds one) | always | never
+    # --method pg (policy gradient, forward only; passes/pg.py)
+    pg_iters: int = 100
+    pg_samples: int = 2
+    pg_lr: float = 0.05
+    pg_init: str = "sigmap"
+    pg_groups: str = "kv"
+    pg_budget: str = "params"
+    pg_penalty: float = 0.0
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -46,6 +56,8 @@ class CompileConfig:
         if self.objective == "margin" and self.method not in GRADIENT_METHODS:
             raise GispError(f"--objective margin needs a gradient method ({', '.join(GRADIENT_METHODS)}); "
                             f"'{self.method}' does not use gradients")
+        if self.method == "pg":
+            self.pg_config().validate()
         if self.objective not in OBJECTIVES:
             raise GispError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
         if self.objective == "margin" and not self.tasks:
@@ -57,6 +69,8 @@ class CompileConfig:
                 raise GispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise GispError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.bos not in BOS_MODES:
+            raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         ignored = self.ignored(self.non_default() if given is None else given)
@@ -81,6 +95,9 @@ class CompileConfig:
             out.append(f"--tasks applies to --objective margin; --objective {self.objective} calibrates on text")
         if "calib" in given and self.objective == "margin":
             out.append("--calib applies to --objective ppl; --objective margin calibrates on the --tasks' questions")
+        pg = sorted(name for name in given if name.startswith("pg_"))
+        if pg and method != "pg":
+            out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")
         if method in CALIBRATION_FREE:
             for name in ("calib", "calib_samples", "seq_len", "batch_size"):
                 if name in given:
@@ -95,6 +112,12 @@ class CompileConfig:
     def schedule_steps(self) -> int:
         """GISP iterates; every other method (one-shot GISP and the baselines) prunes in one step."""
         return self.steps if self.effective_method == "gisp" else 1
+
+    def pg_config(self):
+        from gisp_fx.passes.pg import PgConfig
+
+        return PgConfig(iters=self.pg_iters, samples=self.pg_samples, lr=self.pg_lr, init=self.pg_init,
+                        granularity=self.pg_groups, budget=self.pg_budget, penalty=self.pg_penalty, seed=self.seed)
 
     def to_json(self) -> dict:
         d = asdict(self)

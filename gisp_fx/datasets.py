@@ -50,20 +50,57 @@ def wikitext2_train_text() -> str:
     return text[: text.rstrip("\n").rfind("\n") + 1]
 
 
-def lm_windows(tokenizer, text: str, n: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
+BOS_MODES = ("auto", "always", "never")
+
+
+def window_bos(tokenizer, mode: str) -> int | None:
+    """The token every window starts with, or None.
+
+    auto: the BOS token when the tokenizer adds one to a plain encode (Llama-2/3, Mistral, Gemma), nothing otherwise
+    (SmolLM2, GPT-2, Qwen); always: the BOS token in every case; never: the papers' protocol, one token stream cut
+    into windows, so only the first window starts with whatever the tokenizer put first.
+    """
+    if mode not in BOS_MODES:
+        raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{mode}'")
+    bos = tokenizer.bos_token_id
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise GispError("--bos always: this tokenizer has no BOS token; use --bos auto or never")
+        return bos
+    first = tokenizer("a").input_ids[:1]
+    return bos if bos is not None and first == [bos] else None
+
+
+def token_windows(tokenizer, text: str, seq_len: int, bos: int | None) -> torch.Tensor:
+    """Every non-overlapping window of `text` as LongTensor [n, seq_len]: BOS + seq_len - 1 text tokens each when
+    `bos` is given (as lm-evaluation-harness's rolling windows start), else seq_len tokens of one stream."""
+    if bos is None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        n = ids.numel() // seq_len
+        return ids[: n * seq_len].view(n, seq_len)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = ids.numel() // (seq_len - 1)
+    body = ids[: n * (seq_len - 1)].view(n, seq_len - 1)
+    return torch.cat([torch.full((n, 1), bos, dtype=body.dtype), body], dim=1)
+
+
+def lm_windows(tokenizer, text: str, n: int, seq_len: int, seed: int, source: str,
+               bos: int | None = None) -> torch.Tensor:
     """`n` distinct non-overlapping `seq_len`-token windows of `text`, drawn with `seed`: LongTensor [n, seq_len]."""
     if n <= 0 or seq_len <= 1:
         raise GispError(f"calibration: need at least 1 sample of at least 2 tokens, got {n} x {seq_len}")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    available = ids.numel() // seq_len
+    windows = token_windows(tokenizer, text, seq_len, bos)
+    available = len(windows)
     if available < n:
         raise GispError(
-            f"calibration: {source} has {ids.numel():,} tokens, {available} windows of {seq_len}; "
+            f"calibration: {source} has {available} windows of {seq_len} tokens; "
             f"{n} were requested. Give fewer --calib-samples, a shorter --seq-len, or a longer --calib file"
         )
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=gen)[:n].sort().values
-    return ids[: available * seq_len].view(available, seq_len)[pick]
+    return windows[pick]
 
 
 # -- multiple choice: prompt formats of lm-evaluation-harness's tasks ------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gisp_fx.datasets import wikitext2_test_text
+from gisp_fx.datasets import token_windows, wikitext2_test_text, window_bos
 from gisp_fx.errors import GispError
 
 
@@ -19,16 +19,15 @@ class Perplexity:
     windows: int  # windows evaluated
     total_windows: int  # windows in the split
     seq_len: int
+    bos: bool = False  # every window started with the BOS token
 
     @property
     def subset(self) -> str:
         return "all" if self.windows == self.total_windows else f"{self.windows} of {self.total_windows}"
 
 
-def window_ids(tokenizer, seq_len: int) -> torch.Tensor:
-    ids = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[0]
-    n = ids.numel() // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
+def window_ids(tokenizer, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    return token_windows(tokenizer, wikitext2_test_text(), seq_len, bos)
 
 
 def evenly_spaced(total: int, count: int | None) -> np.ndarray:
@@ -41,9 +40,15 @@ def evenly_spaced(total: int, count: int | None) -> np.ndarray:
 
 
 def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | None = None, batch_size: int = 16,
-                         progress: bool = True, desc: str = "wikitext2 ppl") -> Perplexity:
-    """exp(mean over windows of the mean next-token NLL): the protocol of the GISP / Wanda / SparseGPT papers."""
-    all_windows = window_ids(tokenizer, seq_len)
+                         progress: bool = True, desc: str = "wikitext2 ppl", bos: str = "auto") -> Perplexity:
+    """exp(mean over windows of the mean next-token NLL): the protocol of the GISP / Wanda / SparseGPT papers, with
+    every window starting with BOS where the tokenizer adds one (`bos`: see datasets.window_bos)."""
+    if seq_len < 2:
+        raise GispError(f"--seq-len must be at least 2 tokens for perplexity, got {seq_len}")
+    if batch_size < 1:
+        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
+    start = window_bos(tokenizer, bos)
+    all_windows = window_ids(tokenizer, seq_len, start)
     pick = evenly_spaced(len(all_windows), windows)
     data = all_windows[torch.from_numpy(pick)]
     device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
@@ -55,4 +60,4 @@ def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | No
             logits = model(input_ids=x).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
             nll_sum += nll.mean(1).sum().item()
-    return Perplexity(math.exp(nll_sum / len(data)), len(data), len(all_windows), seq_len)
+    return Perplexity(math.exp(nll_sum / len(data)), len(data), len(all_windows), seq_len, start is not None)

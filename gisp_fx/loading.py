@@ -67,10 +67,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
             "and not a hub id of the form 'org/name'"
         )
 
-    remote = _is_gisp_folder(where)  # a gisp-fx output folder: its modeling_gisp.py builds the pruned shapes
-    config = _load_config(spec, where, kwargs, remote)
+    pruned = _is_gisp_folder(where)  # a gisp-fx output folder: config.gisp holds the pruned shapes
+    config = _load_config(spec, where, kwargs)
     _require_causal_lm(spec, config)
-    model = _load_weights(spec, where, config, kwargs, dtype, remote)
+    model = _load_weights(spec, where, config, kwargs, dtype, pruned)
     tokenizer = load_tokenizer(where, kwargs, spec)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec)
@@ -104,11 +104,12 @@ def _check_gguf(path: Path) -> None:
                         "the file is corrupt or truncated, download it again") from exc
 
 
-def _load_config(spec: str, where: str, kwargs: dict, remote: bool):
+def _load_config(spec: str, where: str, kwargs: dict):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=remote, **kwargs)
+        # a pruned folder's auto_map names only its model class: the config is the base architecture's own
+        return AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise GispError(f"model '{spec}': its config could not be read from {where}: {exc}") from exc
 
@@ -145,14 +146,50 @@ def _require_causal_lm(spec: str, config) -> None:
         )
 
 
-def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype, remote: bool):
+def gisp_class(config):
+    """GispForCausalLM from the installed runtime: a pruned folder is loaded with this gisp-fx's modeling code, not
+    the copy saved beside it (which may be older; `save.saved_runtime_version` tells)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from gisp_fx.modeling_gisp import GispMixin
+
+    name = config.gisp.get("base_class") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    base = getattr(transformers, name, None) if isinstance(name, str) else None
+    if base is None:
+        raise GispError(f"pruned model: no transformers causal-LM class for model_type '{config.model_type}' "
+                        f"(config.gisp base_class {name!r}); this transformers version cannot build it")
+    return type("GispForCausalLM", (GispMixin, base), {"__module__": __name__})
+
+
+def _note_stale_runtime(where: str) -> None:
+    import sys
+
+    from gisp_fx.modeling_gisp import RUNTIME_VERSION
+    from gisp_fx.save import saved_runtime_version
+
+    saved = saved_runtime_version(Path(where))
+    if saved < RUNTIME_VERSION:
+        print(f"note: '{where}' carries gisp runtime v{saved} (modeling_gisp.py); loaded with this gisp-fx's v"
+              f"{RUNTIME_VERSION}. Re-save it (e.g. gisp-fx materialize) to refresh the copy used by "
+              "from_pretrained(..., trust_remote_code=True)", file=sys.stderr)
+
+
+def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype, pruned: bool):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
-                                                           trust_remote_code=remote, output_loading_info=True,
-                                                           **kwargs)
+        if pruned:
+            from gisp_fx.modeling_gisp import check_structure
+
+            check_structure(getattr(config, "gisp", None))  # a ValueError naming what config.gisp lacks
+            _note_stale_runtime(where)
+            model, info = gisp_class(config).from_pretrained(where, config=config, dtype=dtype,
+                                                             output_loading_info=True, **kwargs)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
+                                                               output_loading_info=True, **kwargs)
     except SafetensorError as exc:
         raise GispError(f"model '{spec}': the weights in {where} are not a readable safetensors file ({exc}); "
                         "the file is damaged or truncated, copy or save it again") from exc

@@ -22,6 +22,9 @@ QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
 INTERMEDIATE_ATTRS = ("intermediate_size",)
 PREFIX = "gisp_"
+# The version of this file's runtime. Saved folders carry a copy of it (and the number in config.gisp), so a later
+# gisp-fx can tell an older copy and load the folder with its own, newer runtime instead. 1: unstamped copies.
+RUNTIME_VERSION = 2
 
 
 def gisp_implementation(base: str) -> str:
@@ -80,10 +83,43 @@ class EmptyBlock(nn.Module):
                     setattr(self, key, value)
 
     def forward(self, hidden_states, *args, **kwargs):
+        if self.returns_tuple:
+            _write_cache_stub(self, hidden_states, kwargs)
         out = torch.zeros_like(hidden_states)
         if self.out_bias is not None:
-            out = out + self.out_bias
+            out = out + self.out_bias.to(out.dtype)
         return (out, None) if self.returns_tuple else out
+
+
+# The names decoder layers pass the KV cache under: transformers 5.x ("cache"), 4.5x ("past_key_values",
+# "past_key_value").
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _write_cache_stub(block: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> None:
+    """An emptied attention still appends one zero of width 1 per position to its cache layer.
+
+    The model reads the cached length from a cache layer (layer 0 for the positions, each layer for its mask): a
+    layer that never writes reads as length 0, so later steps would get wrong positions and masks. The stub costs
+    one value per token and is never attended to; exporters leave it out of the cache they expose.
+    """
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    layer_idx = getattr(block, "layer_idx", None)
+    if cache is None:
+        return
+    if layer_idx is None or not hasattr(cache, "update"):
+        raise ValueError(f"gisp: an emptied attention block ({type(block).__name__}) was given a KV cache "
+                         f"({type(cache).__name__}) but has no layer_idx to keep its length in step; run it without "
+                         "a cache (use_cache=False)")
+    batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+    stub = hidden_states.new_zeros((batch, 1, seq, 1))
+    cache.update(stub, stub, layer_idx)
+
+
+def empty_attention_layers(model: nn.Module) -> set[int]:
+    """Indices of the decoder layers whose attention is an EmptyBlock (their cache holds only the stub)."""
+    return {m.layer_idx for m in model.modules()
+            if type(m).__name__ == "EmptyBlock" and m.returns_tuple and getattr(m, "layer_idx", None) is not None}
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -145,13 +181,29 @@ def configure_attention_(module: nn.Module, num_heads: int, num_kv_heads: int, k
     for attr in KV_HEAD_ATTRS:
         if hasattr(module, attr):
             setattr(module, attr, num_kv_heads)
-    if hasattr(module, "num_key_value_groups"):
-        module.num_key_value_groups = 1  # K/V arrive already gathered per query head
+    groups = even_groups(num_heads, kv_map)
+    if groups is not None and hasattr(module, "num_key_value_groups"):
+        # every K/V head serves the same number of consecutive query heads: the model's own broadcast does it,
+        # with no per-step gather of the cache
+        module.num_key_value_groups = groups
+        module.gisp_kv_map = None
+    else:
+        if hasattr(module, "num_key_value_groups"):
+            module.num_key_value_groups = 1  # K/V arrive already gathered per query head
+        module.gisp_kv_map = tuple(kv_map)
     if hasattr(module, "config"):  # some forwards read head counts from the config: give this module its own
         module.config = copy.copy(module.config)
         module.config.num_attention_heads = num_heads
         module.config.num_key_value_heads = num_kv_heads
-    module.gisp_kv_map = tuple(kv_map)
+
+
+def even_groups(num_heads: int, kv_map) -> int | None:
+    """Query heads per K/V head when query head h reads K/V head h // groups for every h; None when uneven."""
+    kv_heads = max(kv_map) + 1 if len(kv_map) else 0
+    if not kv_heads or num_heads % kv_heads:
+        return None
+    groups = num_heads // kv_heads
+    return groups if all(k == h // groups for h, k in enumerate(kv_map)) else None
 
 
 def set_attention_impl_(model: nn.Module, base: str) -> None:

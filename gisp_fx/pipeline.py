@@ -40,11 +40,12 @@ def inspect_model(spec: str, as_json: bool = False) -> str:
 
 # -- calibration ---------------------------------------------------------------------------------------------
 def build_calibration(config: CompileConfig, tokenizer):
-    from gisp_fx.datasets import lm_windows, wikitext2_train_text
+    from gisp_fx.datasets import lm_windows, wikitext2_train_text, window_bos
     from gisp_fx.passes.importance import LmCalibration
 
+    bos = window_bos(tokenizer, config.bos)
     if config.objective == "margin":
-        return _margin_calibration(config, tokenizer)
+        return _margin_calibration(config, tokenizer, bos)
     if config.calib:
         path = Path(config.calib)
         if not path.is_file():
@@ -57,12 +58,13 @@ def build_calibration(config: CompileConfig, tokenizer):
         source = f"calibration file '{path}'"
     else:
         text, source = wikitext2_train_text(), "the bundled WikiText-2 train text"
-    ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source)
+    ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source, bos)
     return LmCalibration(ids, config.batch_size)
 
 
-def _margin_calibration(config: CompileConfig, tokenizer):
-    """`calib_samples` questions drawn evenly across the tasks' training splits; one sequence per option."""
+def _margin_calibration(config: CompileConfig, tokenizer, bos: int | None):
+    """`calib_samples` questions drawn evenly across the tasks' training splits; one sequence per option, each
+    starting with `bos` when given (the prompt is kept, the oldest context tokens go when it is too long)."""
     import random
 
     from gisp_fx.datasets import mc_train_items
@@ -78,12 +80,13 @@ def _margin_calibration(config: CompileConfig, tokenizer):
             raise GispError(f"calibration: task '{task}' has {len(items)} training questions, {n} were requested")
         for item in rng.sample(items, n):
             for i, (ctx, cont) in enumerate(zip(item.contexts, item.continuations)):
-                ctx_ids = tokenizer(ctx).input_ids
-                whole = tokenizer(ctx + cont).input_ids
+                ctx_ids = tokenizer(ctx, add_special_tokens=False).input_ids
+                whole = tokenizer(ctx + cont, add_special_tokens=False).input_ids
                 option = len(whole) - len(ctx_ids)
                 if option < 1:
                     continue
-                whole = whole[-config.seq_len :]
+                start = [bos] if bos is not None else []
+                whole = start + whole[-(config.seq_len - len(start)):]
                 sequences.append(McSequence(tuple(whole), min(option, len(whole) - 1), i == item.label))
     return MarginCalibration(tuple(sequences), tokenizer.pad_token_id, config.batch_size)
 
@@ -179,8 +182,9 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if dense_path.is_file():
         before = json.loads(dense_path.read_text())
     else:
-        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl")
-        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len}
+        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl",
+                                   bos=config.bos)
+        before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len, "bos": ppl.bos}
         partial.mkdir(parents=True, exist_ok=True)
         dense_path.write_text(json.dumps(before))
 
@@ -200,11 +204,15 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         t = len(traj.steps) + 1
         t0 = time.perf_counter()
         try:
-            scores = _method_scores(config, model, plan, calib, progress, t)
+            if config.method == "pg":
+                scores, selection = _pg_step(config, model, plan, calib, target_removed - removed_params, protect,
+                                             traj, progress)
+            else:
+                scores = _method_scores(config, model, plan, calib, progress, t)
+                selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
-        selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
@@ -229,7 +237,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if recaptured != plan:
         raise GispError("verify: the re-captured graph of the pruned model disagrees with the rewrite's plan; "
                         "this is a gisp-fx bug, please report it with the model and settings")
-    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
+    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl",
+                                 bos=config.bos)
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
 
 
@@ -286,6 +295,17 @@ def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, tr
     return select(plan, ranked, traj.config.get("groups_per_step"), needed, params_cap=cap)
 
 
+def _pg_step(config: CompileConfig, model, plan: GroupPlan, calib, needed: int, protect: frozenset[int], traj,
+             progress: bool):
+    """Policy-gradient pruning: learn keep-probabilities (forward passes only), then drop the least likely."""
+    from gisp_fx.passes.pg import pg_prune, select_by_probability
+
+    result = pg_prune(model, plan, calib, needed, protect, config.pg_config(), progress)
+    traj.history = result.history
+    selection = select_by_probability(plan, result.units, result.probs, needed, config.pg_budget)
+    return result.scores(plan), selection
+
+
 def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int):
     from gisp_fx.passes.baselines import magnitude_scores, random_scores, wanda_sp_scores
     from gisp_fx.passes.importance import LmCalibration, score
@@ -308,7 +328,7 @@ def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial,
     save_pruned(model, tokenizer, partial)
     (partial / "dense_ppl.json").unlink(missing_ok=True)
     report = write_report(partial, config, plan0, plan, traj, before,
-                          {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len},
+                          {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len, "bos": after.bos},
                           wall_s=time.perf_counter() - started,
                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if final.exists():
@@ -376,6 +396,8 @@ def _removals_for(traj, sparsity: float | None, step: int | None) -> tuple[Group
     target = math.ceil(sparsity * traj.plan.decoder_params - 1e-6)
     if traj.config.get("method") in UNIFORM_METHODS:
         return _uniform_removals(traj, target)
+    if traj.config.get("method") == "pg":
+        return _pg_removals(traj, target)
     # walk the recorded order; parameters freed are counted on the original plan, as the run counted them
     prefix, freed, counter = [], 0, FreedParams(traj.plan)
     for ref in traj.removed_until(len(traj.steps)):
@@ -403,3 +425,23 @@ def _uniform_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
                     dense_scores(plan, traj.scores["step1.channels"], "channels"), float("nan"))
     protect = parse_protect(traj.config.get("protect"), len(plan.layers))
     return select_uniform(plan, scores, params_needed, protect).removed
+
+
+def _pg_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
+    """A pg run at a lower sparsity: the least likely structures under the run's learned probabilities (what the
+    probabilities rank; a run to that sparsity would learn other probabilities)."""
+    import numpy as np
+
+    from gisp_fx.config import CompileConfig
+    from gisp_fx.passes.pg import build_units, select_by_probability
+    from gisp_fx.passes.select import parse_protect
+    from gisp_fx.trajectory import dense_scores
+
+    config = CompileConfig.from_json(traj.config)
+    plan = traj.plan
+    units = build_units(plan, config.pg_groups, parse_protect(config.protect, len(plan.layers)))
+    heads = dense_scores(plan, traj.scores["step1.heads"], "heads")
+    channels = dense_scores(plan, traj.scores["step1.channels"], "channels")
+    probs = np.array([(heads if refs[0].kind is Kind.HEAD else channels)[refs[0].layer][refs[0].index]
+                      for refs in units.groups])
+    return select_by_probability(plan, units, probs, params_needed, config.pg_budget).removed

@@ -9,6 +9,7 @@ from gisp_fx.config import CompileConfig
 from gisp_fx.plan import GroupPlan
 
 PNG = "kept_per_layer.png"
+HISTORY_PNG = "pg_history.png"
 
 
 def layer_rows(plan0: GroupPlan, plan: GroupPlan) -> list[dict]:
@@ -39,14 +40,45 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
         "sparsity": {"target": config.sparsity, "measured": sparsity,
                      "of_all_params": 1 - plan.total_params / plan0.total_params},
         "perplexity": {"dataset": "wikitext2 test", "seq_len": before["seq_len"], "windows": before["windows"],
+                       "bos": {"mode": config.bos, "window_starts_with_bos": after.get("bos", False)},
                        "before": before["ppl"], "after": after["ppl"]},
         "layers": layer_rows(plan0, plan), "steps": steps,
         "wall_s": wall_s, "peak_rss_mb": peak_rss_mb,
     }
+    if traj.history:
+        report["history"] = {"iterations": len(traj.history), "first_loss": traj.history[0]["loss"],
+                             "last_loss": traj.history[-1]["loss"], "last_entropy": traj.history[-1]["entropy"],
+                             "plot": HISTORY_PNG}
+        plot_history(traj.history, folder / HISTORY_PNG, f"{config.model}: {config.effective_method}")
     (folder / "report.json").write_text(json.dumps(report, indent=1))
     (folder / "report.md").write_text(_markdown(report))
     plot_kept(report["layers"], folder / PNG, f"{config.model}: {100 * sparsity:.1f} % decoder sparsity")
     return report
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Sampled loss with its baseline, and the mean entropy of the keep-probabilities, against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iter"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    ax1.plot(it, [h["loss"] for h in history], lw=0.8, alpha=0.6, label="mean sampled loss")
+    ax1.plot(it, [h["baseline"] for h in history], lw=1.5, label="baseline")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend(fontsize=8)
+    ax2.plot(it, [h["entropy"] for h in history], color="C2")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("mean entropy of keep-probabilities (nats)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _markdown(r: dict) -> str:
@@ -56,13 +88,18 @@ def _markdown(r: dict) -> str:
         "| | before | after |", "|---|---:|---:|",
         f"| parameters | {p['before']:,} | {p['after']:,} |",
         f"| decoder-layer parameters | {p['decoder_before']:,} | {p['decoder_after']:,} |",
-        f"| WikiText-2 perplexity ({ppl['seq_len']}-token windows, {ppl['windows']}) | {ppl['before']:.2f} | "
+        f"| WikiText-2 perplexity ({ppl['seq_len']}-token windows, {ppl['windows']}"
+        f"{', each starting with BOS' if ppl['bos']['window_starts_with_bos'] else ''}) | {ppl['before']:.2f} | "
         f"{ppl['after']:.2f} |", "",
         f"Measured decoder-layer sparsity **{100 * s['measured']:.2f} %** (target {100 * s['target']:.1f} %; "
         f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
         f"{r['groups_per_step'] or 'all'} groups per step; wall time {r['wall_s']:.0f} s, "
         f"peak memory {r['peak_rss_mb']:.0f} MB.", "",
         f"![kept per layer]({PNG})", "",
+        *([f"Policy gradient: {r['history']['iterations']} iterations, sampled loss {r['history']['first_loss']:.3f} "
+           f"-> {r['history']['last_loss']:.3f}, mean entropy of the keep-probabilities at the end "
+           f"{r['history']['last_entropy']:.3f} nats.", "", f"![pg history]({HISTORY_PNG})", ""]
+          if "history" in r else []),
         "## Steps", "", "| step | groups | heads | channels | sparsity after | calibration loss | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -15,25 +15,39 @@ from gisp_fx import modeling_gisp
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_gisp.GispForCausalLM"}
 
 
-def modeling_source(base_class: str) -> str:
+def modeling_source(base: str) -> str:
     """modeling_gisp.py as shipped, plus the class that mixes it into the model's own architecture."""
     return inspect.getsource(modeling_gisp) + f'''
 
-from transformers import {base_class} as _Base  # noqa: E402
+from transformers import {base} as _Base  # noqa: E402
 
 
 class GispForCausalLM(GispMixin, _Base):
-    """{base_class} with the pruned shapes recorded in config.gisp."""
+    """{base} with the pruned shapes recorded in config.gisp."""
 '''
 
 
 def save_pruned(model, tokenizer, folder: Path) -> None:
-    """safetensors weights + config.json (with `gisp` and `auto_map`) + tokenizer + modeling_gisp.py."""
+    """safetensors weights + config.json (with `gisp` and `auto_map`) + tokenizer + modeling_gisp.py.
+
+    A model nothing was removed from (a trajectory's step 0) is saved as the plain model it is: no auto_map, no
+    modeling file, so it loads anywhere without trust_remote_code.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = _base_class(model)
+    base = base_class(model)
+    if not getattr(model.config, "gisp", None):
+        for key in ("auto_map", "gisp"):
+            if hasattr(model.config, key):
+                delattr(model.config, key)
+        model.config.architectures = [base]
+        model.save_pretrained(folder, safe_serialization=True)
+        save_tokenizer(tokenizer, folder)
+        return
     model.config.auto_map = dict(AUTO_MAP)
     model.config.architectures = ["GispForCausalLM"]
+    model.config.gisp["runtime_version"] = modeling_gisp.RUNTIME_VERSION
+    model.config.gisp["base_class"] = base
     model.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder)
     (folder / "modeling_gisp.py").write_text(modeling_source(base))
@@ -51,7 +65,16 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
             file.write_text(json.dumps(cfg, indent=2))
 
 
-def _base_class(model) -> str:
+def saved_runtime_version(folder: Path) -> int:
+    """The runtime version of a saved folder's modeling_gisp.py (1 for the unstamped copies of gisp-fx 0.1)."""
+    import re
+
+    file = Path(folder) / "modeling_gisp.py"
+    found = re.search(r"^RUNTIME_VERSION = (\d+)$", file.read_text(), re.M) if file.is_file() else None
+    return int(found.group(1)) if found else 1
+
+
+def base_class(model) -> str:
     """The transformers class the pruned model is an instance of (its GispForCausalLM base, once reloaded)."""
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):

@@ -188,7 +188,8 @@ def check_eval_settings(seq_len: int, batch_size: int) -> None:
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, seq_len: int = 128,
-             windows: int | None = None, batch_size: int = 16, progress: bool = True) -> list[TaskResult]:
+             windows: int | None = None, batch_size: int = 16, progress: bool = True,
+             bos: str = "auto") -> list[TaskResult]:
     """Run each task; the 7 commonsense tasks also give their average ('cmqa', the GISP paper's CMQA)."""
     from gisp_fx.evaluate import wikitext2_perplexity
 
@@ -197,9 +198,9 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed:
     results = []
     for task in tasks:
         if task == "wikitext2":
-            ppl = wikitext2_perplexity(model, tokenizer, seq_len, windows, batch_size, progress=progress)
+            ppl = wikitext2_perplexity(model, tokenizer, seq_len, windows, batch_size, progress=progress, bos=bos)
             results.append(TaskResult("wikitext2", "ppl", ppl.ppl, ppl.windows,
-                                      {"seq_len": seq_len, "windows": ppl.subset}))
+                                      {"seq_len": seq_len, "windows": ppl.subset, "bos": ppl.bos}))
         elif task == "gsm8k":
             results.append(gsm8k_exact_match(model, tokenizer, limit, seed, progress=progress))
         else:

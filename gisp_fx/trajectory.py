@@ -36,6 +36,7 @@ class Trajectory:
     plan: GroupPlan  # the original model's plan: the indices `removed` refer to
     steps: list[Step] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "step{t}.heads" [L, H0] ..., NaN once removed
+    history: list[dict] = field(default_factory=list)  # per-iteration record of an iterative optimiser (pg)
 
     def removed_until(self, step: int) -> tuple[GroupRef, ...]:
         return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
@@ -43,7 +44,7 @@ class Trajectory:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"version": TRAJECTORY_VERSION, "config": self.config, "plan": self.plan.to_json(),
-               "steps": [asdict(s) for s in self.steps]}
+               "steps": [asdict(s) for s in self.steps], "history": self.history}
         tmp = folder / "trajectory.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         if self.scores:
@@ -86,7 +87,11 @@ class Trajectory:
         except (SafetensorError, OSError) as exc:
             raise GispError(f"trajectory scores '{scores_path}' could not be read ({exc}); the file is damaged "
                             "or truncated: compile the run again") from exc
-        return Trajectory(config, plan, steps, scores)
+        history = doc.get("history", [])
+        if not isinstance(history, list):
+            raise GispError(f"trajectory '{path}': 'history' is a {type(history).__name__}, expected a list; it is "
+                            "damaged: compile the run again")
+        return Trajectory(config, plan, steps, scores, history)
 
 
 def _group_counts(plan: GroupPlan, kind: str) -> list[int]:

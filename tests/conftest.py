@@ -42,15 +42,18 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer over the tiny vocabulary (no files, no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(adds_bos: bool = False):
+    """A word-level fast tokenizer over the tiny vocabulary (no files, no hub); `adds_bos`: it puts <s> before every
+    encoded text, as Llama-2/3, Mistral and Gemma tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     for i in range(4, BASE["vocab_size"]):
         vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
