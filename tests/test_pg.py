@@ -128,7 +128,7 @@ model = transformers.LlamaForCausalLM(config).eval()
 calib = LmCalibration(torch.randint(3, 96, (16, 128), generator=torch.Generator().manual_seed(0)), batch_size=16)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cfg = CompileConfig(model="tiny", sparsity=0.3, output={out!r}, method={method!r}, protect="none", eval_windows=1,
-                    **({method!r} == "pg" and dict(pg_iters=2) or dict(steps=1)))  # each method's own settings only
+                    **(dict(pg_iters=2) if {method!r} == "pg" else dict()))  # each method's own settings only
 compile_model(cfg, calibration=calib, loaded=LoadedModel(model, tiny_tokenizer(), "tiny"), progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """
