@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from gisp_fx.config import CompileConfig
+from gisp_fx.config import CALIBRATION_FREE, CompileConfig
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.pipeline import compile_model, load_trajectory, materialize_model
 from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
@@ -28,10 +28,14 @@ MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
 
 def _config(method: str, model: str, sparsity: float, out: Path, args) -> CompileConfig:
     margin = method == "gisp-margin"
-    return CompileConfig(model=model, sparsity=sparsity, output=str(out), method="gisp" if margin else method,
+    base = "gisp" if margin else method
+    extra = {"steps": args.steps} if base == "gisp" else {}  # the settings a method ignores are refused
+    if base not in CALIBRATION_FREE:
+        extra["calib_samples"] = args.calib_samples
+    return CompileConfig(model=model, sparsity=sparsity, output=str(out), method=base,
                          objective="margin" if margin else "ppl", tasks=MARGIN_TASKS if margin else (),
-                         calib_samples=args.calib_samples, steps=args.steps, seed=args.seed,
-                         eval_windows=16)  # the compile report's own check; the table evaluates every row itself
+                         seed=args.seed, eval_windows=16,  # the report's own check; the table evaluates every row
+                         **extra)
 
 
 def _fresh(original: LoadedModel) -> LoadedModel:
@@ -73,7 +77,8 @@ def main() -> None:
     for method in methods:
         out = runs / f"{method}-{round(100 * target)}"
         if not (out / "report.json").is_file():
-            compile_model(_config(method, args.model, target, out, args), overwrite=True, loaded=_fresh(original))
+            compile_model(_config(method, args.model, target, out, args), overwrite=True, discard_partial=True,
+                          loaded=_fresh(original))
         traj = load_trajectory(str(out))
         for s in sparsities:
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))

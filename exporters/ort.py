@@ -70,7 +70,7 @@ class OrtCausalLM:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), opts, providers=[resolve_provider(provider)])
+        self.session = _session(self.path, opts, resolve_provider(provider))
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         need = {"input_ids", "attention_mask", "position_ids", "logits_positions"}
@@ -152,12 +152,17 @@ class OrtCausalLM:
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, **_) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 **unsupported) -> torch.Tensor:
         """Greedy or sampled continuation of a (left-padded) batch with the KV cache; returns prompt + new ids.
 
         As HF `generate`: EOS and pad ids default to the export's generation_config.json, and a row that has
         produced EOS is filled with the pad id until every row has.
         """
+        if unsupported:  # refused, not ignored: a silently dropped num_beams would decode something else
+            raise GispError(f"OrtCausalLM.generate: {', '.join(sorted(unsupported))} not supported; it decodes "
+                            "greedily or by sampling (do_sample, temperature, top_k, top_p, seed) with max_new_tokens, "
+                            "eos_token_id and pad_token_id")
         if not self.past:
             raise GispError(f"'{self.path}' was exported without a KV cache; re-export with --with-past to generate")
         ids = _numpy(input_ids).astype(np.int64)
@@ -186,6 +191,19 @@ class OrtCausalLM:
         return torch.from_numpy(np.concatenate(out, axis=1))
 
 
+def _session(path: Path, opts, provider: str):
+    """An onnxruntime session of `path`, or a GispError when the file is not a loadable ONNX model."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    try:
+        return ort.InferenceSession(str(path), opts, providers=[provider])
+    except (state.Fail, state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.NoSuchFile,
+            state.NotImplemented, state.RuntimeException) as exc:
+        raise GispError(f"'{path}': onnxruntime cannot load it ({str(exc).strip()[:300]}); the export is damaged, "
+                        "truncated or missing its .data file: export it again with `gisp-fx export`") from exc
+
+
 def _generation_defaults(folder: Path) -> tuple[list[int], int | None]:
     """EOS ids and pad id from the export's generation_config.json (else config.json), as HF generate reads them."""
     import json
@@ -193,7 +211,10 @@ def _generation_defaults(folder: Path) -> tuple[list[int], int | None]:
     for name in ("generation_config.json", "config.json"):
         file = folder / name
         if file.is_file():
-            cfg = json.loads(file.read_text())
+            try:
+                cfg = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise GispError(f"'{file}' is not valid JSON ({exc}); the export is damaged: export it again") from exc
             eos = cfg.get("eos_token_id")
             eos = [] if eos is None else np.atleast_1d(eos).tolist()
             return eos, cfg.get("pad_token_id")

@@ -129,16 +129,33 @@ def is_onnx_export(spec: str) -> bool:
     return (p / "model.onnx").is_file() or (p.is_file() and p.suffix == ".onnx")
 
 
+def _export_params(meta_file: Path) -> dict:
+    """The parameter counts an export recorded in its gisp_onnx.json, or a GispError naming the damage."""
+    try:
+        params = json.loads(meta_file.read_text(encoding="utf-8"))["params"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise GispError(f"bench: '{meta_file}' is not a valid gisp-fx export record ({type(exc).__name__}: {exc}); "
+                        "export the model again with `gisp-fx export`") from exc
+    keys = ("total", "decoder", "touched_per_token")
+    if not isinstance(params, dict) or not all(isinstance(params.get(k), int) for k in keys):
+        raise GispError(f"bench: '{meta_file}': 'params' must hold the integers {', '.join(keys)}; got {params!r}")
+    return params
+
+
 def make_targets(specs: list[str], engines: list[str], opts: list[str], settings: BenchSettings):
     """(Target, timer) pairs: ONNX exports run in onnxruntime, model folders/specs in torch eager."""
     from gisp_fx.exporters.onnx import INT8_FILE, META_FILE
-    from gisp_fx.exporters.ort import resolve_provider
+    from gisp_fx.exporters.ort import GRAPH_OPT, resolve_provider
     from gisp_fx.loading import load_model, param_counts
 
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise GispError(f"bench: unknown engine(s) {', '.join(unknown)}; known: {', '.join(ENGINES)}")
     resolve_provider(settings.provider)  # fails early, listing the available providers
+    bad = [o for o in opts if o not in GRAPH_OPT]
+    if bad:
+        raise GispError(f"bench: --ort-opt {','.join(bad)} is not an onnxruntime optimisation level; expected "
+                        f"comma-separated {', '.join(GRAPH_OPT)}")
     device = "cuda" if settings.provider == "cuda" else "cpu"
     threads = settings.threads or os.cpu_count() or 1
     out = []
@@ -148,7 +165,7 @@ def make_targets(specs: list[str], engines: list[str], opts: list[str], settings
             meta_file = folder / META_FILE
             if not meta_file.is_file():
                 raise GispError(f"bench: '{folder}' has no {META_FILE}; bench ONNX folders written by gisp-fx export")
-            params = json.loads(meta_file.read_text())["params"]
+            params = _export_params(meta_file)
             for engine in [e for e in engines if e.startswith("ort")]:
                 file = folder / (INT8_FILE if engine == "ort-int8" else "model.onnx")
                 if not file.is_file():

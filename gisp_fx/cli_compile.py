@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from gisp_fx.errors import GispError
 
@@ -19,23 +20,33 @@ def _windows(value: str) -> int | None:
     return n
 
 
+# flags whose argparse default is None, so that a flag the user gave can be told from one left at its default
+PG_FLAGS = ("pg_iters", "pg_samples", "pg_lr", "pg_init", "pg_groups", "pg_budget", "pg_penalty")
+OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS)
+
+
 def _compile(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
     from gisp_fx.config import CompileConfig
     from gisp_fx.pipeline import compile_model
 
     method = "oneshot" if args.oneshot and args.method == "gisp" else args.method
     name = args.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
     output = args.output or f"runs/{name}-{method}-{round(100 * args.sparsity)}"
+    defaults = {f.name: f.default for f in fields(CompileConfig)}
+    given = {k for k in OPTIONAL_FLAGS if getattr(args, k) is not None} | ({"oneshot"} if args.oneshot else set())
+    flag = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in OPTIONAL_FLAGS}
     config = CompileConfig(
         model=args.model, sparsity=args.sparsity, output=output, method=args.method, objective=args.objective,
         tasks=tuple(t for t in (args.tasks or "").split(",") if t), calib=args.calib,
-        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
-        oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
-        eval_windows=args.eval_windows, bos=args.bos, pg_iters=args.pg_iters, pg_samples=args.pg_samples,
-        pg_lr=args.pg_lr, pg_init=args.pg_init, pg_groups=args.pg_groups, pg_budget=args.pg_budget,
-        pg_penalty=args.pg_penalty,
+        calib_samples=flag["calib_samples"], seq_len=flag["seq_len"], batch_size=flag["batch_size"],
+        steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
+        eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
     )
-    result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
+    config.validate(frozenset(given))
+    result = compile_model(config, overwrite=args.overwrite, resume=args.resume,
+                           discard_partial=args.discard_partial)
     r = result.report
     print(f"\npruned {r['model']}: {r['params']['before']:,} -> {r['params']['after']:,} parameters, "
           f"{100 * r['sparsity']['measured']:.2f} % decoder sparsity; WikiText-2 ppl "
@@ -55,6 +66,8 @@ def _materialize(args: argparse.Namespace) -> None:
 
     if (args.sparsity is None) == (args.step is None):
         raise GispError("materialize: give exactly one of --sparsity or --step")
+    if not os.path.isdir(args.run_dir):
+        raise GispError(f"materialize: '{args.run_dir}' is not a folder; give the output folder of `gisp-fx compile`")
     _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
                                    overwrite=args.overwrite)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
@@ -64,11 +77,12 @@ def _eval(args: argparse.Namespace) -> None:
     import json
 
     from gisp_fx.loading import LoadedModel, load_model
-    from gisp_fx.tasks import check_tasks, evaluate, format_results
+    from gisp_fx.tasks import check_eval_settings, check_tasks, evaluate, format_results
 
     tasks = check_tasks([t for t in args.tasks.split(",") if t])
     if args.limit is not None and args.limit <= 0:
         raise GispError(f"--limit must be positive, got {args.limit}")
+    check_eval_settings(args.seq_len, args.batch_size)
     from gisp_fx.bench import is_onnx_export
 
     if is_onnx_export(args.model):  # scored in onnxruntime, with the tokenizer the export carries
@@ -105,15 +119,20 @@ def add_compile_commands(sub) -> None:
                         "(forward passes only, inference memory; the --pg-* flags); baselines: wanda-sp (|W|*||X||, "
                         "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
     p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
-    p.add_argument("--tasks", help="margin objective: comma-separated tasks, e.g. arc_easy,arc_challenge")
-    p.add_argument("--calib", help="plain-text calibration file (ppl objective); default: bundled WikiText-2 train")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward/backward (default 8)")
-    p.add_argument("--steps", type=int, default=8, help="iterative steps (default 8)")
-    p.add_argument("--oneshot", action="store_true", help="one step at the target sparsity")
-    p.add_argument("--normalize", default="reference", choices=["reference", "params", "none"],
-                   help="block-wise score normalisation (default: the reference's constants)")
+    p.add_argument("--tasks", help="margin objective only: comma-separated tasks, e.g. arc_easy,arc_challenge")
+    p.add_argument("--calib", help="plain-text UTF-8 calibration file (ppl objective only); default: bundled "
+                                   "WikiText-2 train")
+    p.add_argument("--calib-samples", type=int,
+                   help="calibration sequences (default 64; not for magnitude/random)")
+    p.add_argument("--seq-len", type=int,
+                   help="tokens per calibration sequence (default 128; not for magnitude/random)")
+    p.add_argument("--batch-size", type=int,
+                   help="sequences per forward/backward (default 8; not for magnitude/random)")
+    p.add_argument("--steps", type=int, help="iterative steps (default 8; gisp only: the other methods take one)")
+    p.add_argument("--oneshot", action="store_true",
+                   help="gisp in one step at the target sparsity (= --method oneshot)")
+    p.add_argument("--normalize", choices=["reference", "params", "none"],
+                   help="block-wise score normalisation, gisp and oneshot only (default: the reference's constants)")
     p.add_argument("--protect", help="layers never pruned: 'none' or e.g. '0,1,29' (default: first 10 %% and last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=_windows, default=256,
@@ -121,23 +140,26 @@ def add_compile_commands(sub) -> None:
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
     _add_bos(p)
     pg = p.add_argument_group("--method pg (policy gradient; the reference ran 15,000 iterations on a GPU)")
-    pg.add_argument("--pg-iters", type=int, default=100,
+    pg.add_argument("--pg-iters", type=int,
                     help="iterations (default 100: about 6 minutes for SmolLM2 at batch 8 x 128 on 2 CPU cores)")
-    pg.add_argument("--pg-samples", type=int, default=2, help="masks sampled per iteration, K >= 2 (default 2)")
-    pg.add_argument("--pg-lr", type=float, default=0.05,
+    pg.add_argument("--pg-samples", type=int, help="masks sampled per iteration, K >= 2 (default 2)")
+    pg.add_argument("--pg-lr", type=float,
                     help="peak learning rate of the cosine schedule (default 0.05; the reference's 2e-3 suits "
                          "its 15,000 iterations)")
-    pg.add_argument("--pg-init", default="sigmap", choices=["sigmap", "const", "random"],
+    pg.add_argument("--pg-init", choices=["sigmap", "const", "random"],
                     help="initial probabilities: sigmap of the Wanda-sp metric (default), const, random")
-    pg.add_argument("--pg-groups", default="kv", choices=["kv", "head"],
+    pg.add_argument("--pg-groups", choices=["kv", "head"],
                     help="attention unit: a K/V group with its query heads (kv, the reference) or one query head")
-    pg.add_argument("--pg-budget", default="params", choices=["params", "reference"],
+    pg.add_argument("--pg-budget", choices=["params", "reference"],
                     help="params (default): expected freed decoder parameters = the target; reference: one kept "
                          "ratio of attention units and of channels, as in the paper")
-    pg.add_argument("--pg-penalty", type=float, default=0.0, help="push of the probabilities toward 0/1 (default 0)")
+    pg.add_argument("--pg-penalty", type=float, help="push of the probabilities toward 0/1 (default 0)")
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
+    p.add_argument("--discard-partial", action="store_true",
+                   help="delete an interrupted run of this --output (OUTPUT.partial) and start afresh; without "
+                        "this flag or --resume such a run is kept and the command refused")
     p.add_argument("--export", choices=["onnx"],
                    help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)

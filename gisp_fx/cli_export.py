@@ -8,7 +8,9 @@ import argparse
 def _export(args: argparse.Namespace) -> None:
     from gisp_fx.exporters.onnx import export_model
     from gisp_fx.loading import load_model
+    from gisp_fx.save import check_output_folder
 
+    check_output_folder(args.output)
     if args.exporter == "optimum":
         from gisp_fx.exporters.optimum import export_optimum
 
@@ -58,11 +60,17 @@ def _bench(args: argparse.Namespace) -> None:
 
     from gisp_fx.bench import BenchSettings, environment, markdown, run_bench, summarise, write_report
     from gisp_fx.errors import GispError
+    from gisp_fx.save import check_output_folder
 
+    if args.output:
+        check_output_folder(args.output)
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise GispError(f"--output '{args.output}' exists; pass --overwrite to replace it, or choose another folder")
-    if args.repeats < 1:
-        raise GispError(f"--repeats must be at least 1, got {args.repeats}")
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--prompt", args.prompt, 1),
+                               ("--decode", args.decode, 0), ("--warmup", args.warmup, 0),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            raise GispError(f"{flag} must be at least {least}, got {value}")
     settings = BenchSettings(prefill=args.prefill, prompt=args.prompt, decode=args.decode, repeats=args.repeats,
                              warmup=args.warmup, threads=args.threads, provider=args.provider)
     rows = run_bench(args.models, settings, engines=args.engines.split(","), opts=args.ort_opt.split(","))

@@ -12,6 +12,8 @@ NORMALIZE = ("reference", "params", "none")
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
+CALIBRATION_FREE = ("magnitude", "random")  # score from the weights (or the seed) alone
+NORMALIZING_METHODS = ("gisp", "oneshot")  # the methods whose global ranking --normalize changes
 BOS_MODES = ("auto", "always", "never")  # as gisp_fx.datasets.BOS_MODES (kept here so config stays import-light)
 
 
@@ -44,7 +46,9 @@ class CompileConfig:
     pg_budget: str = "params"
     pg_penalty: float = 0.0
 
-    def validate(self) -> "CompileConfig":
+    def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
+        """Check every setting; `given` names the settings the user set (default: those that differ from their
+        defaults), each of which must apply to the method and objective: none is silently ignored."""
         if not 0 < self.sparsity <= 0.95:
             raise GispError(f"--sparsity must be in (0, 0.95], got {self.sparsity}")
         if self.method not in METHODS:
@@ -69,7 +73,36 @@ class CompileConfig:
             raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
+        ignored = self.ignored(self.non_default() if given is None else given)
+        if ignored:
+            raise GispError("settings that would be ignored: " + "; ".join(ignored) + ". Leave them out")
         return self
+
+    def non_default(self) -> frozenset[str]:
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) != f.default)
+
+    def ignored(self, given: frozenset[str]) -> list[str]:
+        """Of the settings in `given`, those this method and objective do not use, each with the reason."""
+        method, out = self.effective_method, []
+        if "oneshot" in given and self.method not in ("gisp", "oneshot"):
+            out.append(f"--oneshot applies to gisp; --method {self.method} has its own schedule")
+        if "steps" in given and method != "gisp":
+            out.append(f"--steps applies to iterative gisp; --method {method} prunes in one step")
+        if "normalize" in given and method not in NORMALIZING_METHODS:
+            out.append(f"--normalize applies to {' and '.join(NORMALIZING_METHODS)}; --method {method} does not "
+                       "normalise its scores")
+        if "tasks" in given and self.objective != "margin":
+            out.append(f"--tasks applies to --objective margin; --objective {self.objective} calibrates on text")
+        if "calib" in given and self.objective == "margin":
+            out.append("--calib applies to --objective ppl; --objective margin calibrates on the --tasks' questions")
+        pg = sorted(name for name in given if name.startswith("pg_"))
+        if pg and method != "pg":
+            out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")
+        if method in CALIBRATION_FREE:
+            for name in ("calib", "calib_samples", "seq_len", "batch_size"):
+                if name in given:
+                    out.append(f"--{name.replace('_', '-')} sets calibration; --method {method} uses none")
+        return out
 
     @property
     def effective_method(self) -> str:

@@ -118,8 +118,15 @@ def _is_gisp_folder(where: str) -> bool:
     path = os.path.join(where, "config.json")
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        return "gisp" in json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GispError(f"model '{where}': {path} is not valid JSON ({exc}); the file is damaged, restore it or save "
+                        "the model again") from exc
+    if not isinstance(doc, dict):
+        raise GispError(f"model '{where}': {path} holds a JSON {type(doc).__name__}, expected an object of settings")
+    return "gisp" in doc
 
 
 def _require_causal_lm(spec: str, config) -> None:
@@ -169,16 +176,26 @@ def _note_stale_runtime(where: str) -> None:
 
 
 def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype, pruned: bool):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         if pruned:
+            from gisp_fx.modeling_gisp import check_structure
+
+            check_structure(getattr(config, "gisp", None))  # a ValueError naming what config.gisp lacks
             _note_stale_runtime(where)
-            model = gisp_class(config).from_pretrained(where, config=config, dtype=dtype, **kwargs)
+            model, info = gisp_class(config).from_pretrained(where, config=config, dtype=dtype,
+                                                             output_loading_info=True, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
+                                                               output_loading_info=True, **kwargs)
+    except SafetensorError as exc:
+        raise GispError(f"model '{spec}': the weights in {where} are not a readable safetensors file ({exc}); "
+                        "the file is damaged or truncated, copy or save it again") from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise GispError(f"model '{spec}': weights could not be loaded from {where}: {exc}") from exc
+    _require_all_weights(spec, where, info)
     if "gguf_file" in kwargs:
         # GGUF weights arrive dequantised; drop the quantiser so that save_pretrained writes plain tensors.
         model.hf_quantizer = None
@@ -186,6 +203,17 @@ def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtyp
             del model.config.quantization_config
         model.is_quantized = False
     return model
+
+
+def _require_all_weights(spec: str, where: str, info: dict) -> None:
+    """Refuse a checkpoint that lacks tensors: transformers would fill them with random values and only warn.
+    Tied weights (an LM head tied to the embedding) are legitimately absent and are not reported as missing."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise GispError(f"model '{spec}': {len(missing)} weight tensor(s) missing from the checkpoint in {where}: "
+                        f"{shown}; they would be initialised at random. The weights file is incomplete or belongs to "
+                        "another model: copy or save it again")
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:

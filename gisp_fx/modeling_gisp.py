@@ -127,8 +127,35 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+# config.gisp: section -> the keys each of its entries carries (None: plain values)
+STRUCTURE_KEYS = {"linears": None, "attention": ("num_heads", "num_kv_heads", "kv_map"), "mlp": None,
+                  "empty": ("hidden_size", "bias", "kind"), "base_attention": None}
+
+
+def check_structure(structure) -> None:
+    """A ValueError naming the first missing or malformed part of config.gisp, before any module is touched."""
+    where = "config.json 'gisp' (the pruned structure)"
+    if not isinstance(structure, dict):
+        raise ValueError(f"{where} is a {type(structure).__name__}, expected an object")
+    missing = [k for k in STRUCTURE_KEYS if k not in structure]
+    if missing:
+        raise ValueError(f"{where} lacks the key(s) {', '.join(missing)}; the folder's config.json is damaged, "
+                         "save the pruned model again")
+    for section, keys in STRUCTURE_KEYS.items():
+        if keys is None:
+            continue
+        if not isinstance(structure[section], dict):
+            raise ValueError(f"{where}: '{section}' is a {type(structure[section]).__name__}, expected an object")
+        for name, info in structure[section].items():
+            lacking = [k for k in keys if not isinstance(info, dict) or k not in info]
+            if lacking:
+                raise ValueError(f"{where}: entry '{section}.{name}' lacks {', '.join(lacking)}; the folder's "
+                                 "config.json is damaged, save the pruned model again")
+
+
 def apply_structure_(model: nn.Module, structure: dict) -> None:
     """Give `model` the pruned shapes in `structure` (config.gisp); weights are whatever the caller loads next."""
+    check_structure(structure)
     linearize_modules_(model, structure.get("linearized", ()))
     for name, (in_f, out_f, bias) in structure["linears"].items():
         old = model.get_submodule(name)

@@ -52,7 +52,12 @@ def build_calibration(config: CompileConfig, tokenizer):
         path = Path(config.calib)
         if not path.is_file():
             raise GispError(f"--calib: no such file '{path}'")
-        text, source = path.read_text(encoding="utf-8"), f"calibration file '{path}'"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise GispError(f"--calib: '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); give a plain "
+                            "UTF-8 text file (convert it with e.g. `iconv -t utf-8`)") from exc
+        source = f"calibration file '{path}'"
     else:
         text, source = wikitext2_train_text(), "the bundled WikiText-2 train text"
     ids = lm_windows(tokenizer, text, config.calib_samples, config.seq_len, config.seed, source, bos)
@@ -127,24 +132,35 @@ def replay_(model, plan0: GroupPlan, removed: tuple[GroupRef, ...]) -> tuple[Gro
     return plan, alive
 
 
-def _prepare_output(config: CompileConfig, overwrite: bool, resume: bool) -> tuple[Path, Path]:
-    final = Path(config.output)
-    partial = final.with_name(final.name + ".partial")
+def _prepare_output(config: CompileConfig, overwrite: bool, resume: bool,
+                    discard_partial: bool = False) -> tuple[Path, Path]:
+    from gisp_fx.save import check_output_folder
+
+    final = check_output_folder(config.output)
+    partial = check_output_folder(final.with_name(final.name + ".partial"), "--output's unfinished run")
     if final.exists() and not overwrite:
         raise GispError(f"--output '{final}' exists; pass --overwrite to replace it, or choose another folder")
+    if resume and discard_partial:
+        raise GispError("--resume continues the unfinished run and --discard-partial deletes it: give one of them")
     if resume:
         if not (partial / TRAJECTORY_DIR / "trajectory.json").is_file():
             raise GispError(f"--resume: no unfinished run at '{partial}' (nothing to continue); run without --resume")
+    elif partial.exists() and not discard_partial:
+        raise GispError(f"an unfinished run of this --output is kept in '{partial}'; pass --resume to continue it, "
+                        "or --discard-partial to delete it and start afresh")
     elif partial.exists():
-        tqdm.write(f"discarding the unfinished run in '{partial}' (pass --resume to continue it instead)")
+        tqdm.write(f"discarding the unfinished run in '{partial}' (--discard-partial)")
         shutil.rmtree(partial)
     return final, partial
 
 
 def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: bool = False, calibration=None,
                   on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True,
-                  loaded=None) -> CompileResult:
-    """Prune `config.model` to `config.sparsity` with GISP; write the pruned model, trajectory and report."""
+                  loaded=None, discard_partial: bool = False) -> CompileResult:
+    """Prune `config.model` to `config.sparsity` with GISP; write the pruned model, trajectory and report.
+
+    An unfinished run of the same output (OUTPUT.partial) is continued with `resume`, deleted first with
+    `discard_partial`, and otherwise refused: it is never deleted silently."""
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
     from gisp_fx.passes.select import parse_protect
@@ -153,11 +169,12 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
 
     config.validate()
     started = time.perf_counter()
-    final, partial = _prepare_output(config, overwrite, resume)
+    final, partial = _prepare_output(config, overwrite, resume, discard_partial)
+    traj_dir = partial / TRAJECTORY_DIR
+    resumed = _resumable(traj_dir, config, partial) if resume else None  # checked before any model is loaded
     loaded = loaded or load_model(config.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     plan0 = analyse(model)
-    calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     protect = parse_protect(config.protect, len(plan0.layers))
     target_removed = math.ceil(config.sparsity * plan0.decoder_params)
     if target_removed > plan0.prunable_params:  # e.g. OLMo-2, whose attention is kept whole
@@ -165,6 +182,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         raise GispError(f"--sparsity {config.sparsity}: only {plan0.prunable_params:,} of the model's "
                         f"{plan0.decoder_params:,} decoder-layer parameters are prunable ({100 * share:.1f} %); "
                         f"choose --sparsity below {share:.3f} (`gisp-fx inspect` lists what is kept whole and why)")
+    _require_reachable(config, plan0, protect, target_removed)
+    calib = calibration if calibration is not None else build_calibration(config, tokenizer)
 
     dense_path = partial / "dense_ppl.json"  # measured on the unpruned model, before any replay
     if dense_path.is_file():
@@ -176,13 +195,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         partial.mkdir(parents=True, exist_ok=True)
         dense_path.write_text(json.dumps(before))
 
-    traj_dir = partial / TRAJECTORY_DIR
-    if resume:
-        traj = Trajectory.load(traj_dir)
-        differ = CompileConfig.from_json(traj.config).same_run(config)
-        if differ:
-            raise GispError(f"--resume: the unfinished run in '{partial}' used other settings ({', '.join(differ)}); "
-                            "resume with the same settings or start afresh without --resume")
+    if resumed is not None:
+        traj = resumed
         if traj.plan != plan0:
             raise GispError(f"--resume: the model '{config.model}' is not the one the unfinished run started from")
         plan, alive = replay_(model, plan0, traj.removed_until(len(traj.steps)))
@@ -233,6 +247,39 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl",
                                  bos=config.bos)
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
+
+
+def _resumable(traj_dir: Path, config: CompileConfig, partial: Path):
+    """The unfinished run's trajectory, readable and run with the same settings as `config`."""
+    from gisp_fx.trajectory import Trajectory
+
+    traj = Trajectory.load(traj_dir)
+    try:
+        differ = CompileConfig.from_json(traj.config).same_run(config)
+    except TypeError as exc:  # a config field of the wrong type or name
+        raise GispError(f"--resume: the settings recorded in '{traj_dir}' are malformed ({exc}); start afresh "
+                        "with --discard-partial") from exc
+    if differ:
+        raise GispError(f"--resume: the unfinished run in '{partial}' used other settings ({', '.join(differ)}); "
+                        "resume with the same settings or start afresh with --discard-partial")
+    return traj
+
+
+def _require_reachable(config: CompileConfig, plan0: GroupPlan, protect: frozenset[int], target: int) -> None:
+    """Refuse, before any gradient, a target that removing every group of every unprotected layer cannot reach."""
+    from gisp_fx.passes.select import freed_params
+
+    refs = [GroupRef(l.index, Kind.HEAD, h) for l in plan0.layers if l.index not in protect and l.attention
+            for h in range(l.attention.num_heads)]
+    refs += [GroupRef(l.index, Kind.CHANNEL, c) for l in plan0.layers if l.index not in protect and l.mlp
+             for c in range(l.mlp.channels)]
+    most = freed_params(plan0, Selection(tuple(refs))) if refs else 0
+    if most < target:
+        shown = ",".join(map(str, sorted(protect))) or "none"
+        raise GispError(f"--sparsity {config.sparsity}: unreachable with protected layers {shown} (--protect "
+                        f"{config.protect or 'default: first 10 % and last'}); pruning every group of the other "
+                        f"{len(plan0.layers) - len(protect)} layers reaches at most {most / plan0.decoder_params:.4f} "
+                        "decoder sparsity: lower --sparsity or protect fewer layers")
 
 
 def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, traj, needed: int,
@@ -326,7 +373,9 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
     """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
     from gisp_fx.save import save_pruned, staged_dir
 
-    out = Path(output)
+    from gisp_fx.save import check_output_folder
+
+    out = check_output_folder(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded)

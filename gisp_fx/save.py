@@ -86,6 +86,7 @@ def base_class(model) -> str:
 def staged_dir(out: Path):
     """A private temp folder beside `out`, renamed onto it when the block succeeds and removed when it fails."""
     out = Path(out)
+    check_output_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should not be
@@ -97,3 +98,15 @@ def staged_dir(out: Path):
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
+
+
+def check_output_folder(out: str | os.PathLike, flag: str = "--output") -> Path:
+    """Refuse an output path that cannot become a folder: an existing file, or a path under one."""
+    from gisp_fx.errors import GispError
+
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"lies under '{path}', which is a file"
+            raise GispError(f"{flag} '{out}' {where}; gisp-fx writes a folder there: choose a folder path")
+    return out

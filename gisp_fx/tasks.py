@@ -179,6 +179,14 @@ def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0,
     return TaskResult("gsm8k", "exact_match", hits / len(pick), len(pick), {})
 
 
+def check_eval_settings(seq_len: int, batch_size: int) -> None:
+    """Window length and batch size of an evaluation: a next-token loss needs 2 tokens, a batch 1 sequence."""
+    if seq_len < 2:
+        raise GispError(f"--seq-len must be at least 2 tokens (one to predict from, one to predict), got {seq_len}")
+    if batch_size < 1:
+        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, seq_len: int = 128,
              windows: int | None = None, batch_size: int = 16, progress: bool = True,
              bos: str = "auto") -> list[TaskResult]:
@@ -186,6 +194,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed:
     from gisp_fx.evaluate import wikitext2_perplexity
 
     check_tasks(tasks)
+    check_eval_settings(seq_len, batch_size)
     results = []
     for task in tasks:
         if task == "wikitext2":

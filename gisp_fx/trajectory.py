@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gisp_fx.errors import GispError
 from gisp_fx.plan import GroupPlan, GroupRef, Kind
 
 TRAJECTORY_VERSION = 1
@@ -53,13 +54,44 @@ class Trajectory:
 
     @staticmethod
     def load(folder: Path) -> "Trajectory":
-        doc = json.loads((folder / "trajectory.json").read_text())
-        if doc.get("version") != TRAJECTORY_VERSION:
-            raise ValueError(f"trajectory version {doc.get('version')} is not {TRAJECTORY_VERSION}")
-        steps = [Step(**{**s, "removed": tuple(tuple(r) for r in s["removed"])}) for s in doc["steps"]]
+        """The trajectory in `folder`, or a GispError saying which file is damaged and how."""
+        from safetensors import SafetensorError
+
+        path = folder / "trajectory.json"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GispError(f"trajectory '{path}' could not be read ({exc}); it is damaged: compile the run "
+                            "again") from exc
+        version = doc.get("version") if isinstance(doc, dict) else None
+        if isinstance(version, int) and version > TRAJECTORY_VERSION:
+            raise GispError(f"trajectory '{path}' has version {version}, written by a newer gisp-fx; this one reads "
+                            f"version {TRAJECTORY_VERSION}: upgrade gisp-fx to read it")
+        if version != TRAJECTORY_VERSION:
+            raise GispError(f"trajectory '{path}' has no valid version (got {version!r}, expected "
+                            f"{TRAJECTORY_VERSION}); it is not a gisp-fx trajectory or it is damaged")
+        try:
+            steps = [Step(**{**s, "removed": tuple(tuple(r) for r in s["removed"])}) for s in doc["steps"]]
+            for step in steps:
+                step.refs()  # every removal names a known group kind
+            plan = GroupPlan.from_json(doc["plan"])
+            config = doc["config"]
+            if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+                raise ValueError("'config' must be an object naming the model")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GispError(f"trajectory '{path}' is incomplete or malformed ({type(exc).__name__}: {exc}); "
+                            "it is damaged: compile the run again") from exc
         scores_path = folder / "scores.safetensors"
-        scores = load_file(str(scores_path)) if scores_path.is_file() else {}
-        return Trajectory(doc["config"], GroupPlan.from_json(doc["plan"]), steps, scores, doc.get("history", []))
+        try:
+            scores = load_file(str(scores_path)) if scores_path.is_file() else {}
+        except (SafetensorError, OSError) as exc:
+            raise GispError(f"trajectory scores '{scores_path}' could not be read ({exc}); the file is damaged "
+                            "or truncated: compile the run again") from exc
+        history = doc.get("history", [])
+        if not isinstance(history, list):
+            raise GispError(f"trajectory '{path}': 'history' is a {type(history).__name__}, expected a list; it is "
+                            "damaged: compile the run again")
+        return Trajectory(config, plan, steps, scores, history)
 
 
 def _group_counts(plan: GroupPlan, kind: str) -> list[int]:

@@ -25,7 +25,9 @@ def _loaded(arch="llama-gqa", layers=4):
 
 
 def _config(tmp_path, name="run", **kw):
-    base = dict(model="tiny", sparsity=0.4, output=str(tmp_path / name), steps=3, protect="none", eval_windows=2)
+    base = dict(model="tiny", sparsity=0.4, output=str(tmp_path / name), protect="none", eval_windows=2)
+    if kw.get("method", "gisp") == "gisp" and not kw.get("oneshot"):
+        base["steps"] = 3  # --steps applies to iterative gisp only; the other methods refuse it
     return CompileConfig(**{**base, **kw})
 
 
