@@ -27,6 +27,7 @@ from gisp_fx.errors import GispError
 
 FAMILIES = ("llama", "qwen2")  # model_type values the fused builder covers; others take --graph traced
 MS = "com.microsoft"
+DEFAULT_POSITIONS = -(2 ** 62)  # logits_positions' default: every position (its only negative value below -1)
 NEG = float(np.finfo(np.float32).min)  # additive bias of a padded key: finite, so an all-padded row cannot NaN
 
 
@@ -243,8 +244,19 @@ def build(model: nn.Module, quantize: str | None = None):
         else:
             empty(mlp)
 
-    # the final norm and the LM head on the requested positions only
-    pos = "logits_positions"
+    # the final norm and the LM head on the requested positions only; logits_positions' default (a runtime that does
+    # not feed it, e.g. genai) means every position
+    cond = g.op("Less", [g.op("ReduceMin", ["logits_positions"], keepdims=0), g.const("sentinel", np.array(DEFAULT_POSITIONS + 1, np.int64))])
+    seq_scalar = g.op("Squeeze", [seq, g.const("axis0s", np.array([0], np.int64))])
+    all_pos = g.name("all_positions")
+    then_graph = helper.make_graph(
+        [helper.make_node("Range", [g.const("zero_s", np.array(0, np.int64)), seq_scalar,
+                                    g.const("one_s", np.array(1, np.int64))], [all_pos])],
+        "every_position", [], [helper.make_tensor_value_info(all_pos, T.INT64, ["n"])])
+    given = g.name("given_positions")
+    else_graph = helper.make_graph([helper.make_node("Identity", ["logits_positions"], [given])], "given", [],
+                                   [helper.make_tensor_value_info(given, T.INT64, ["n"])])
+    pos = g.op("If", [cond], then_branch=then_graph, else_branch=else_graph, stem="positions")
     resid = g.op("Gather", [resid, pos], axis=1)
     if pending[0] is not None:
         pending[0] = g.op("Gather", [pending[0], pos], axis=1)
@@ -261,7 +273,7 @@ def build(model: nn.Module, quantize: str | None = None):
     return proto, tuple(shapes)
 
 
-def write_fused(model: nn.Module, path, quantize: str | None = None):
+def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file: str | None = None):
     """Build and save the fused graph at `path` (+ `path`.data); returns (model's CacheLayout, seconds, report)."""
     import time
     from pathlib import Path
@@ -276,6 +288,12 @@ def write_fused(model: nn.Module, path, quantize: str | None = None):
     path = Path(path)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
+    if genai_file:  # the same graph and weight file, with a default for logits_positions (genai does not feed it)
+        from onnx import numpy_helper
+
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([DEFAULT_POSITIONS], np.int64),
+                                                               "logits_positions"))
+        onnx.save_model(proto, str(path.with_name(genai_file)))
     seconds = time.perf_counter() - t0
     cfg = model.config.get_text_config(decoder=True)
     kept = [(i, s) for i, s in enumerate(shapes) if s is not None]

@@ -262,6 +262,7 @@ def quantize_int8(folder: Path) -> Path:
 
 GRAPHS = ("fused", "traced")
 INT4_FILE = "model_int4.onnx"
+GENAI_FILE = "model_genai.onnx"  # model.onnx's graph and weights with a default logits_positions, for genai
 
 
 def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
@@ -304,7 +305,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if graph == "fused":
             from gisp_fx.exporters.fused import write_fused
 
-            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE)
+            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE)
             kv_index = {int(k): tuple(v) for k, v in extra["kv_index"].items()}
         else:
             with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
@@ -321,6 +322,15 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
                 "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime")}
         if extra:
             meta["fused"] = extra
+            from gisp_fx.exporters.genai import genai_note, write_genai_config
+
+            graph_layout = CacheLayout(layout.num_layers, layout.layers, tuple(extra["graph_kv_heads"]),
+                                       layout.head_dims)
+            meta["genai"] = genai_note(graph_layout)
+            if meta["genai"] == "ok":
+                write_genai_config(tmp, model.config, graph_layout, GENAI_FILE)
+            else:
+                (tmp / GENAI_FILE).unlink()
         if quantize == "int8":
             quantize_int8(tmp)
             q = parity(model, layout, tmp / INT8_FILE, kv_index=kv_index)  # expected to differ: reported, not enforced

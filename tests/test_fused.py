@@ -117,3 +117,28 @@ def test_bad_input(tmp_path):
     with pytest.raises(GispError, match="down_proj has shape .out 64, in 8.*without --quantize int4"):
         export_model(LoadedModel(narrow, None, "tiny"), tmp_path / "n", quantize="int4")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("selection", [None, UNEVEN], ids=["dense", "uneven"])
+def test_genai_runs_the_export(selection, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")  # installed by `make latency` (a benchmark-only dependency)
+    model = _model(selection)
+    export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True)
+    ids = torch.tensor([[5, 9, 13, 22, 7, 40]])
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+    genai = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(greedy), do_sample=False)
+    gen = og.Generator(genai, params)
+    gen.append_tokens(ids.numpy().astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)] == greedy
+
+
+def test_genai_config_refused_without_consecutive_caches(tmp_path):
+    export_model(LoadedModel(_model(SELECTION), None, "tiny"), tmp_path / "onnx", with_past=True)
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    assert meta["genai"].startswith("not written: layers [1] have no attention left")
+    assert not (tmp_path / "onnx" / "genai_config.json").exists()
