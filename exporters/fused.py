@@ -35,9 +35,9 @@ NEG = float(np.finfo(np.float32).min)  # additive bias of a padded key: finite, 
 class AttentionShape:
     """One layer's attention as the graph runs it: query order and, per graph K/V head, its model K/V head."""
 
-    num_heads: int
+    num_heads: int  # graph query heads (zero-filled ones included)
     head_dim: int
-    query_order: tuple[int, ...]  # graph query head -> model query head
+    query_order: tuple[int, ...]  # graph query head -> model query head, -1: a zero head (gqa 'pad')
     kv_index: tuple[int, ...]  # graph K/V head -> model K/V head
 
     @property
@@ -45,12 +45,29 @@ class AttentionShape:
         return len(self.kv_index)
 
 
-def even_groups(kv_map: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Query head -> K/V head map -> (query order, K/V index) with equal, consecutive groups of gcd(group sizes)."""
+GQA_MODES = ("pad", "dup")
+
+
+def even_groups(kv_map: tuple[int, ...], mode: str = "pad") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Query head -> K/V head map -> (query order, K/V index) with equal, consecutive groups.
+
+    pad: groups of the largest size, short groups filled with zero query heads (-1 in the order; their q_proj rows
+    and o_proj columns are zero), so the cache keeps the model's K/V heads. dup: groups of gcd(group sizes), each
+    K/V head repeated count/gcd times (more cache, no extra query heads).
+    """
+    if mode not in GQA_MODES:
+        raise GispError(f"--gqa: expected one of {', '.join(GQA_MODES)}, got '{mode}'")
     kv_ids = sorted(set(kv_map))
     members = {j: [h for h, k in enumerate(kv_map) if k == j] for j in kv_ids}
-    g = math.gcd(*(len(m) for m in members.values()))
+    sizes = [len(m) for m in members.values()]
     order, index = [], []
+    if mode == "pad":
+        g = max(sizes)
+        for j in kv_ids:
+            order += members[j] + [-1] * (g - len(members[j]))
+            index.append(j)
+        return tuple(order), tuple(index)
+    g = math.gcd(*sizes)
     for j in kv_ids:
         order += members[j]
         index += [j] * (len(members[j]) // g)
@@ -117,19 +134,19 @@ def _linear(g: _Graph, x: str, weight: np.ndarray, bias: np.ndarray | None, stem
     return y
 
 
-def attention_shape(attn: nn.Module, head_dim: int) -> AttentionShape:
+def attention_shape(attn: nn.Module, head_dim: int, gqa: str = "pad") -> AttentionShape:
     nq = attn.q_proj.out_features // head_dim
     nkv = attn.k_proj.out_features // head_dim
     kv_map = getattr(attn, "gisp_kv_map", None) or tuple(h // (nq // nkv) for h in range(nq))
-    order, index = even_groups(tuple(kv_map))
-    return AttentionShape(nq, head_dim, order, index)
+    order, index = even_groups(tuple(kv_map), gqa)
+    return AttentionShape(len(order), head_dim, order, index)
 
 
 def _rows(w: np.ndarray, heads: tuple[int, ...], d: int) -> np.ndarray:
-    return np.concatenate([w[h * d:(h + 1) * d] for h in heads], axis=0)
+    return np.concatenate([w[h * d:(h + 1) * d] if h >= 0 else np.zeros_like(w[:d]) for h in heads], axis=0)
 
 
-def build(model: nn.Module, quantize: str | None = None):
+def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
     """The fused decoder as an onnx.ModelProto, and per layer (None where attention is gone) its AttentionShape."""
     from onnx import TensorProto, helper
 
@@ -196,7 +213,7 @@ def build(model: nn.Module, quantize: str | None = None):
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         if hasattr(attn, "q_proj"):
-            s = attention_shape(attn, head_dim)
+            s = attention_shape(attn, head_dim, gqa)
             shapes.append(s)
             x = norm(layer.input_layernorm, f"layers.{i}.input_layernorm")
             d = head_dim
@@ -227,7 +244,8 @@ def build(model: nn.Module, quantize: str | None = None):
                        domain=MS, num_heads=s.num_heads, kv_num_heads=s.kv_heads, scale=scale, do_rotary=0,
                        outputs=[g.name(f"layers.{i}.attn"), pres_k, pres_v])[0]
             wo = _np(attn.o_proj.weight)
-            wo = np.concatenate([wo[:, h * d:(h + 1) * d] for h in s.query_order], axis=1)
+            wo = np.concatenate([wo[:, h * d:(h + 1) * d] if h >= 0 else np.zeros_like(wo[:, :d])
+                                 for h in s.query_order], axis=1)
             bo = _np(attn.o_proj.bias) if attn.o_proj.bias is not None else None
             pending[0] = _linear(g, out, wo, bo, f"layers.{i}.o_proj", quantize)
         else:
@@ -273,7 +291,8 @@ def build(model: nn.Module, quantize: str | None = None):
     return proto, tuple(shapes)
 
 
-def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file: str | None = None):
+def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file: str | None = None,
+                gqa: str = "pad"):
     """Build and save the fused graph at `path` (+ `path`.data); returns (model's CacheLayout, seconds, report)."""
     import time
     from pathlib import Path
@@ -284,7 +303,7 @@ def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file:
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        proto, shapes = build(model, quantize)
+        proto, shapes = build(model, quantize, gqa)
     path = Path(path)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
@@ -306,5 +325,6 @@ def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file:
               "query_order": {str(i): list(s.query_order) for i, s in kept},
               "graph_kv_heads": [s.kv_heads for _, s in kept], "num_heads": [s.num_heads for _, s in kept],
               "cache_bytes_per_token": graph_bytes, "model_cache_bytes_per_token": model_bytes,
-              "nodes": len(proto.graph.node), "quantize": quantize}
+              "nodes": len(proto.graph.node), "quantize": quantize, "gqa": gqa,
+              "zero_query_heads": sum(s.query_order.count(-1) for _, s in kept)}
     return layout, seconds, report

@@ -281,7 +281,7 @@ def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
 
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
                  quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 graph: str | None = None) -> OnnxExport:
+                 graph: str | None = None, gqa: str = "pad") -> OnnxExport:
     """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity."""
     import onnx
 
@@ -305,7 +305,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if graph == "fused":
             from gisp_fx.exporters.fused import write_fused
 
-            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE)
+            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE, gqa=gqa)
             kv_index = {int(k): tuple(v) for k, v in extra["kv_index"].items()}
         else:
             with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
@@ -338,7 +338,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if quantize == "int4":
             from gisp_fx.exporters.fused import write_fused
 
-            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize="int4")
+            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize="int4", gqa=gqa)
             q = parity(model, layout, tmp / INT4_FILE, kv_index=kv_index)  # expected to differ: reported
             meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds}
         if loaded.tokenizer is not None:

@@ -17,7 +17,7 @@ def _export(args: argparse.Namespace) -> None:
         return
     loaded = load_model(args.model)
     result = export_model(loaded, args.output, with_past=args.with_past, overwrite=args.overwrite,
-                          quantize=args.quantize, source=args.model, graph=args.graph)
+                          quantize=args.quantize, source=args.model, graph=args.graph, gqa=args.gqa)
     p = result.parity
     present = f", present K/V {p.present:.2e}" if p.present is not None else ""
     layout = result.layout
@@ -40,6 +40,9 @@ def add_export_commands(sub) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="also write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
                         "block-wise int4 MatMulNBits, block 32)")
+    p.add_argument("--gqa", choices=["pad", "dup"], default="pad",
+                   help="fused graph, uneven query groups per K/V head: pad (default) fills short groups with zero "
+                        "query heads, the cache keeps the model's K/V heads; dup repeats K/V heads (bigger cache)")
     p.add_argument("--graph", choices=["fused", "traced"],
                    help="fused (default with --with-past for llama/qwen2): onnxruntime contrib ops written from the "
                         "weights (GroupQueryAttention, fused norms); traced: torch.export of the HF model (any family)")

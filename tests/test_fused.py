@@ -35,10 +35,11 @@ def _batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("selection", [None, SELECTION, UNEVEN], ids=["dense", "emptied", "uneven"])
-def test_fused_parity_and_greedy_equal_torch(selection, tmp_path):
+@pytest.mark.parametrize("selection,gqa", [(None, "pad"), (SELECTION, "pad"), (UNEVEN, "pad"), (UNEVEN, "dup")],
+                         ids=["dense", "emptied", "uneven-pad", "uneven-dup"])
+def test_fused_parity_and_greedy_equal_torch(selection, gqa, tmp_path):
     model = _model(selection)
-    result = export_model(LoadedModel(model, tiny_tokenizer(), "tiny"), tmp_path / "onnx", with_past=True)
+    result = export_model(LoadedModel(model, tiny_tokenizer(), "tiny"), tmp_path / "onnx", with_past=True, gqa=gqa)
     assert result.parity.logits < 1e-4 and result.parity.present < 1e-4 and result.parity.past == 5
     meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
     assert meta["graph"] == "fused"
@@ -47,9 +48,12 @@ def test_fused_parity_and_greedy_equal_torch(selection, tmp_path):
     runner = OrtCausalLM(tmp_path / "onnx")
     if selection is SELECTION:  # layer 1 lost its attention (no cache), layer 2 its MLP
         assert [(s.layer, s.heads) for s in runner.past] == [(0, 1), (2, 2)]
-    if selection is UNEVEN:  # layer 0: K/V head 0 has 1 query head, K/V head 1 has 2 -> head 1 duplicated
+    if selection is UNEVEN and gqa == "dup":  # layer 0: K/V head 0 has 1 query head, K/V head 1 has 2 -> 1 twice
         assert meta["fused"]["kv_index"]["0"] == [0, 1, 1] and meta["fused"]["kv_index"]["1"] == [0, 1]
         assert meta["fused"]["cache_bytes_per_token"] > meta["fused"]["model_cache_bytes_per_token"]
+    if selection is UNEVEN and gqa == "pad":  # the group of 1 gets a zero query head; the cache is the model's
+        assert meta["fused"]["query_order"]["0"] == [0, -1, 1, 2] and meta["fused"]["zero_query_heads"] == 1
+        assert meta["fused"]["cache_bytes_per_token"] == meta["fused"]["model_cache_bytes_per_token"]
     ids, mask = _batch()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
@@ -65,10 +69,14 @@ def test_qwen2_biases_fused(tmp_path):
 
 
 def test_even_groups():
-    assert even_groups((0, 0, 0, 1, 1, 1)) == ((0, 1, 2, 3, 4, 5), (0, 1))  # dense GQA: unchanged
-    assert even_groups((1, 0, 1, 0)) == ((1, 3, 0, 2), (0, 1))  # reordered, no copies
-    assert even_groups((0, 1, 1)) == ((0, 1, 2), (0, 1, 1))  # 1 + 2 heads: K/V head 1 twice
-    assert even_groups((0, 0, 1, 1, 1, 1)) == ((0, 1, 2, 3, 4, 5), (0, 1, 1))  # gcd 2
+    for mode in ("pad", "dup"):
+        assert even_groups((0, 0, 0, 1, 1, 1), mode) == ((0, 1, 2, 3, 4, 5), (0, 1))  # dense GQA: unchanged
+        assert even_groups((1, 0, 1, 0), mode) == ((1, 3, 0, 2), (0, 1))  # reordered, no copies
+    assert even_groups((0, 1, 1), "dup") == ((0, 1, 2), (0, 1, 1))  # 1 + 2 heads: K/V head 1 twice
+    assert even_groups((0, 0, 1, 1, 1, 1), "dup") == ((0, 1, 2, 3, 4, 5), (0, 1, 1))  # gcd 2
+    assert even_groups((0, 1, 1), "pad") == ((0, -1, 1, 2), (0, 1))  # a zero query head fills the group of 1
+    with pytest.raises(GispError, match="--gqa: expected one of pad, dup"):
+        even_groups((0,), "even")
 
 
 def test_int4_blocks_round_trip():
