@@ -115,11 +115,12 @@ def main() -> None:
     ap.add_argument("--threads", default="2,1", help="thread counts, each a full interleaved run")
     ap.add_argument("--windows", type=int, default=32, help="WikiText-2 windows for the int4 quality figure")
     ap.add_argument("--output", default="benchmarks/results/latency")
+    ap.add_argument("--extra", default="", help="comma-separated further export folders to time alongside")
     args = ap.parse_args()
 
     onnx_dirs = exports(args)
     genai = genai_builds(args)
-    specs = [str(d) for d in genai + onnx_dirs]
+    specs = [str(d) for d in genai + onnx_dirs] + [x for x in args.extra.split(",") if x]
     doc, lines = {"runs": []}, []
     for threads in [int(t) for t in args.threads.split(",")]:
         settings = BenchSettings(repeats=args.repeats, provider=args.provider, threads=threads)
@@ -136,6 +137,7 @@ def main() -> None:
             cells += [f"{p['vs'][Path(g).name][m]:.2f}x" for g in genai for m in settings.metrics()]
             lines.append(f"| {p['model']} | {p['engine']} | " + " | ".join(cells) + " |")
         lines.append("")
+        print("\n".join(lines), flush=True)
     cost = quality(onnx_dirs, args.windows)
     lines += ["## int4 against fp32: WikiText-2 perplexity", "", "| export | variant | ppl |", "|---|---|---:|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['ppl']:.2f} |" for r in cost]

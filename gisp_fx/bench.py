@@ -317,7 +317,7 @@ def plot(summary: list[dict], settings: BenchSettings, path: Path, title: str) -
     names = list(dict.fromkeys(e["name"] for e in summary))
     for ax, metric in zip(axes[0], metrics):
         for i, name in enumerate(names):
-            pts = sorted((e["sparsity"], e) for e in summary if e["name"] == name)
+            pts = sorted(((e["sparsity"], e) for e in summary if e["name"] == name), key=lambda t: t[0])
             if not pts:
                 continue
             xs = [100 * s for s, _ in pts]
