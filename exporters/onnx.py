@@ -256,7 +256,9 @@ def quantize_int8(folder: Path) -> Path:
 
     src, dst = folder / MODEL_FILE, folder / INT8_FILE
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True,
+                                    # contrib ops (the fused graph) leave some types to infer: they are float
+                                    "DefaultTensorType": 1})
     return dst
 
 
