@@ -51,8 +51,15 @@ compile: $(STAMP)
 $(RUN)/report.json: | $(STAMP)
 	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output $(RUN) --overwrite
 
-# the latency table of the README: exports along the trajectory of `make compile`, timed (about 20 minutes)
-latency: $(STAMP) $(RUN)/report.json
+# onnxruntime-genai, the benchmark's anchor (its model builder and runtime): a benchmark-only dependency. 0.18.0
+# accepts the project's onnxruntime (>= 1.31), so it goes into the main venv, not a venv of its own.
+GENAI := onnxruntime-genai==0.18.0
+$(VENV)/.genai: $(STAMP)
+	$(BIN)/python -m pip install -q $(GENAI)
+	touch $@
+
+# the latency table of the README: fused exports along the trajectory of `make compile` against genai fp32/int4
+latency: $(STAMP) $(VENV)/.genai $(RUN)/report.json
 	$(BIN)/python benchmarks/latency.py $(RUN)
 
 # the quality table of the README (methods x sparsities on SmolLM2; 49 min measured from a fresh clone on 2 CPU cores)

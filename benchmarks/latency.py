@@ -1,26 +1,32 @@
-"""The latency table of the README: dense vs pruned SmolLM2 along one GISP trajectory, onnxruntime vs torch eager.
+"""The latency table of the README: gisp-fx's fused exports (dense and pruned, fp32 and int4) against the dense
+model built by onnxruntime-genai's model builder (fp32 and int4), timed in one interleaved loop.
 
     python benchmarks/latency.py                     # what `make latency` runs (needs runs/smollm2-gisp-50)
     python benchmarks/latency.py --provider cuda     # on a machine with onnxruntime-gpu and a GPU
 
-Steps: materialize each sparsity of the trajectory (no gradients), export dense and pruned models to ONNX with a
-KV cache (parity-checked; int8 variants of the dense and the sparsest one), time them all interleaved with
-`gisp-fx bench`'s engine (onnxruntime at graph optimisation 'all' and 'disable', int8, torch eager), then state
-what the optimisation and int8 cost in quality: WikiText-2 perplexity of each variant on the same windows.
-Exports are cached under --runs and reused when complete.
+Steps: materialize each sparsity of the trajectory, export dense and pruned models with the fused graph (parity-
+checked; int4 variants of the dense and the sparsest one), build genai fp32 and int4 from the dense HF folder
+(`python -m onnxruntime_genai.models.builder`), time everything interleaved with `gisp-fx bench`'s engine at each
+thread count, report every row against the genai rows as paired ratios (per repeat, then the median), and the
+WikiText-2 perplexity of the fp32 and int4 exports. Exports and builds are cached under --runs and reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from gisp_fx.bench import BenchSettings, environment, run_bench, summarise, write_report
 from gisp_fx.evaluate import wikitext2_perplexity
-from gisp_fx.exporters.onnx import INT8_FILE, META_FILE, export_model
+from gisp_fx.exporters.onnx import INT4_FILE, META_FILE, export_model
 from gisp_fx.exporters.ort import OrtCausalLM
-from gisp_fx.loading import load_model, load_tokenizer
+from gisp_fx.loading import load_model, load_tokenizer, param_counts
 from gisp_fx.pipeline import load_trajectory, materialize
 
 
@@ -33,7 +39,8 @@ def exports(args) -> list[Path]:
         tag = f"{round(100 * s)}"
         onnx_dir = runs / f"onnx-{tag}"
         out.append(onnx_dir)
-        if (onnx_dir / META_FILE).is_file() and (s not in (0.0, max(sparsities)) or (onnx_dir / INT8_FILE).is_file()):
+        int4 = s in (0.0, max(sparsities))
+        if (onnx_dir / META_FILE).is_file() and (not int4 or (onnx_dir / INT4_FILE).is_file()):
             continue
         if s == 0.0:
             loaded = load_model(traj.config["model"])
@@ -41,26 +48,59 @@ def exports(args) -> list[Path]:
             folder = runs / f"model-{tag}"
             materialize(args.run_dir, s, str(folder), overwrite=True)
             loaded = load_model(str(folder))
-        quantize = "int8" if s in (0.0, max(sparsities)) else None
-        result = export_model(loaded, onnx_dir, with_past=True, overwrite=True, quantize=quantize,
+        result = export_model(loaded, onnx_dir, with_past=True, overwrite=True, quantize="int4" if int4 else None,
                               source=f"{traj.config['model']} at {100 * s:.0f} %")
-        print(f"exported {100 * s:.0f} %: parity {result.parity.logits:.1e}", flush=True)
+        print(f"exported {100 * s:.0f} %: {result.export_s:.1f} s, parity {result.parity.logits:.1e}", flush=True)
     return out
 
 
-def quality_cost(onnx_dirs: list[Path], windows: int) -> list[dict]:
-    """WikiText-2 perplexity of the plain export (both optimisation levels) and its int8 variant, same windows."""
+def genai_builds(args) -> list[Path]:
+    """genai fp32 and int4 of the dense model, built by onnxruntime-genai's own builder (timed)."""
+    runs = Path(args.runs)
+    hf = runs / "hf-dense"
+    loaded = None
+    if not (hf / "config.json").is_file():
+        loaded = load_model(load_trajectory(args.run_dir).config["model"])
+        loaded.model.save_pretrained(hf)
+        loaded.tokenizer.save_pretrained(hf)
+    out = []
+    for precision in ("fp32", "int4"):
+        folder = runs / f"genai-{precision}"
+        out.append(folder)
+        if (folder / "gisp_params.json").is_file():
+            continue
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(folder),
+                        "-p", precision, "-e", "cpu", "-c", str(runs / "genai-cache")], check=True)
+        seconds = time.perf_counter() - t0
+        loaded = loaded or load_model(str(hf))
+        (folder / "gisp_params.json").write_text(json.dumps(param_counts(loaded.model)))
+        (folder / "build_s.txt").write_text(f"{seconds:.1f}\n")
+        print(f"genai {precision}: built in {seconds:.1f} s", flush=True)
+    return out
+
+
+def paired(rows, settings) -> list[dict]:
+    """Each row against each genai row: per repeat anchor/row (>1: faster than genai), then the median."""
+    anchors = [r for r in rows if r.target.engine == "genai"]
+    out = []
+    for row in rows:
+        entry = {"model": Path(row.target.label).name, "engine": row.target.name, "vs": {}}
+        for a in anchors:
+            entry["vs"][Path(a.target.label).name] = {
+                m: statistics.median(x / y for x, y in zip(a.samples[m], row.samples[m])) for m in settings.metrics()}
+        out.append(entry)
+    return out
+
+
+def quality(onnx_dirs: list[Path], windows: int) -> list[dict]:
     rows = []
     for folder in (onnx_dirs[0], onnx_dirs[-1]):
-        meta = json.loads((folder / META_FILE).read_text())
         tokenizer = load_tokenizer(str(folder))
-        for label, file, opt in (("fp32, opt all", "model.onnx", "all"), ("fp32, opt disable", "model.onnx", "disable"),
-                                 ("int8, opt all", INT8_FILE, "all")):
-            model = OrtCausalLM(folder / file, graph_optimization=opt)
-            ppl = wikitext2_perplexity(model, tokenizer, windows=windows, desc=f"{folder.name} {label}")
-            parity = meta["parity"]["logits"] if file == "model.onnx" else meta["int8"]["parity"]["logits"]
-            rows.append({"model": folder.name, "variant": label, "ppl": ppl.ppl, "windows": ppl.subset,
-                         "parity_logits": parity if opt == "all" else None})
+        for label, file in (("fp32", "model.onnx"), ("int4", INT4_FILE)):
+            ppl = wikitext2_perplexity(OrtCausalLM(folder / file), tokenizer, windows=windows,
+                                       desc=f"{folder.name} {label}")
+            rows.append({"model": folder.name, "variant": label, "ppl": ppl.ppl, "windows": ppl.subset})
             print(f"{folder.name} {label}: ppl {ppl.ppl:.2f}", flush=True)
     return rows
 
@@ -68,35 +108,51 @@ def quality_cost(onnx_dirs: list[Path], windows: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="?", default="runs/smollm2-gisp-50")
-    ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
+    ap.add_argument("--sparsities", default="0.2,0.5")
     ap.add_argument("--runs", default="runs/latency", help="where materialized models and exports go (reused)")
     ap.add_argument("--provider", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--windows", type=int, default=64, help="WikiText-2 windows for the quality cost")
+    ap.add_argument("--threads", default="2,1", help="thread counts, each a full interleaved run")
+    ap.add_argument("--windows", type=int, default=32, help="WikiText-2 windows for the int4 quality figure")
     ap.add_argument("--output", default="benchmarks/results/latency")
+    ap.add_argument("--extra", default="", help="comma-separated further export folders to time alongside")
     args = ap.parse_args()
 
     onnx_dirs = exports(args)
-    settings = BenchSettings(repeats=args.repeats, provider=args.provider)
-    torch_models = [load_trajectory(args.run_dir).config["model"]]
-    torch_models += [str(Path(args.runs) / f"model-{round(100 * float(s))}") for s in args.sparsities.split(",")]
-    rows = run_bench([str(d) for d in onnx_dirs] + torch_models, settings, engines=["ort", "ort-int8", "torch"],
-                     opts=["all", "disable"])
-    summary = summarise(rows, settings)
-    cost = quality_cost(onnx_dirs, args.windows)
-    out = write_report(summary, settings, args.output, f"{torch_models[0]}: latency along one GISP trajectory",
-                       extra={"quality_cost": cost})
-    lines = ["", "## What graph optimisation and int8 cost", "",
-             f"WikiText-2 perplexity through onnxruntime ({cost[0]['windows']} windows); parity: max |logit diff| "
-             "against torch on a padded batch of 2 with cached positions.", "",
-             "| export | variant | ppl | parity |", "|---|---|---:|---:|"]
-    for r in cost:
-        par = "" if r["parity_logits"] is None else f"{r['parity_logits']:.1e}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['ppl']:.2f} | {par} |")
+    genai = genai_builds(args)
+    specs = [str(d) for d in genai + onnx_dirs] + [x for x in args.extra.split(",") if x]
+    doc, lines = {"runs": []}, []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        settings = BenchSettings(repeats=args.repeats, provider=args.provider, threads=threads)
+        rows = run_bench(specs, settings, engines=["genai", "ort", "ort-int4"], opts=["all"])
+        summary = summarise(rows, settings)
+        ratios = paired(rows, settings)
+        doc["runs"].append({"threads": threads, "summary": summary, "paired": ratios})
+        lines += [f"## {threads} thread(s): medians (ms) and paired ratios against genai (>1: faster than genai)", "",
+                  "| model | engine | " + " | ".join(f"{m} ms" for m in settings.metrics()) + " | "
+                  + " | ".join(f"{m} vs {Path(g).name}" for g in genai for m in settings.metrics()) + " |",
+                  "|---|---|" + "---:|" * (len(settings.metrics()) * (1 + len(genai)))]
+        for e, p in zip(summary, ratios):
+            cells = [f"{e['metrics'][m]['median_ms']:.1f}" for m in settings.metrics()]
+            cells += [f"{p['vs'][Path(g).name][m]:.2f}x" for g in genai for m in settings.metrics()]
+            lines.append(f"| {p['model']} | {p['engine']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        print("\n".join(lines), flush=True)
+    cost = quality(onnx_dirs, args.windows)
+    lines += ["## int4 against fp32: WikiText-2 perplexity", "", "| export | variant | ppl |", "|---|---|---:|"]
+    lines += [f"| {r['model']} | {r['variant']} | {r['ppl']:.2f} |" for r in cost]
+    builds = {g.name: (g / "build_s.txt").read_text().strip() for g in genai if (g / "build_s.txt").is_file()}
+    exports_s = {d.name: json.loads((d / META_FILE).read_text())["export_s"] for d in onnx_dirs}
+    lines += ["", f"Build/export seconds: genai {builds}; gisp-fx fused fp32 {exports_s}."]
+    settings = BenchSettings(repeats=args.repeats, provider=args.provider, threads=int(args.threads.split(",")[0]))
+    last = doc["runs"][0]
+    out = write_report(last["summary"], settings, args.output, "SmolLM2: gisp-fx fused exports against onnxruntime-genai",
+                       extra={"anchor": doc["runs"], "quality_int4": cost, "genai_build_s": builds,
+                              "export_s": exports_s})
     with open(out / "bench.md", "a") as f:
-        f.write("\n".join(lines) + "\n\nCommand: `make latency` (`python benchmarks/latency.py`).\n")
+        f.write("\n" + "\n".join(lines) + "\n\nCommand: `make latency` (`python benchmarks/latency.py`).\n")
     print((out / "bench.md").read_text())
-    print(f"report: {out}/bench.md ({environment(settings)['threads']} threads)")
+    print(f"report: {out}/bench.md ({environment(replace(settings))['threads']} threads)")
 
 
 if __name__ == "__main__":

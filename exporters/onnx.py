@@ -215,8 +215,12 @@ def write_onnx(model: nn.Module, folder: Path, with_past: bool = True, opset: in
     return layout, time.perf_counter() - t0
 
 
-def parity(model: nn.Module, layout: CacheLayout | None, onnx_path: Path, seed: int = 0) -> Parity:
-    """Torch vs onnxruntime (CPU) on a left-padded batch of 2; the cached positions hold the model's own K/V."""
+def parity(model: nn.Module, layout: CacheLayout | None, onnx_path: Path, seed: int = 0,
+           kv_index: dict[int, tuple[int, ...]] | None = None) -> Parity:
+    """Torch vs onnxruntime (CPU) on a left-padded batch of 2; the cached positions hold the model's own K/V.
+
+    `kv_index` (fused graphs): per layer, graph K/V head -> model K/V head, where the graph duplicates K/V heads.
+    """
     from gisp_fx.exporters.ort import OrtCausalLM
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -234,7 +238,13 @@ def parity(model: nn.Module, layout: CacheLayout | None, onnx_path: Path, seed: 
         expected = graph(*feed.values())
     expected = (expected,) if isinstance(expected, torch.Tensor) else expected
     runner = OrtCausalLM(onnx_path, provider="cpu")
-    got = runner.session.run(runner.output_names, {k: v.numpy() for k, v in feed.items()})
+    ort_feed = {k: v.numpy() for k, v in feed.items()}
+    if kv_index:  # the graph's cache holds model K/V heads in the order (and with the copies) of kv_index
+        ort_feed.update({f"past_key_values.{i}.{kind}": ort_feed[f"past_key_values.{i}.{kind}"][:, list(ix)]
+                         for i, ix in kv_index.items() for kind in ("key", "value")})
+        per_layer = [kv_index[i] for i in layout.layers for _ in range(2)]
+        expected = (expected[0], *(e[:, list(ix)] for e, ix in zip(expected[1:], per_layer)))
+    got = runner.session.run(runner.output_names, ort_feed)
     diffs = [float(np.abs(g.astype(np.float32) - e.float().numpy()).max()) for g, e in zip(got, expected)]
     # logits where a query is padded attend to nothing: undefined in both engines, so left out of the figure
     real = feed["attention_mask"][:, past:].bool().numpy()
@@ -249,12 +259,34 @@ def quantize_int8(folder: Path) -> Path:
 
     src, dst = folder / MODEL_FILE, folder / INT8_FILE
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True,
+                                    # contrib ops (the fused graph) leave some types to infer: they are float
+                                    "DefaultTensorType": 1})
     return dst
 
 
+GRAPHS = ("fused", "traced")
+INT4_FILE = "model_int4.onnx"
+GENAI_FILE = "model_genai.onnx"  # model.onnx's graph and weights with a default logits_positions, for genai
+
+
+def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
+    """--graph: 'fused' (the default with --with-past, for the families exporters/fused.py covers) or 'traced'."""
+    from gisp_fx.exporters.fused import FAMILIES
+
+    if graph is not None and graph not in GRAPHS:
+        raise GispError(f"--graph: expected one of {', '.join(GRAPHS)}, got '{graph}'")
+    kind = getattr(model.config.get_text_config(decoder=True), "model_type", "")
+    if graph is None:
+        return "fused" if with_past and kind in FAMILIES else "traced"
+    if graph == "fused" and not with_past:
+        raise GispError("--graph fused: the fused graph always has a KV cache; add --with-past, or use --graph traced")
+    return graph
+
+
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
-                 quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "") -> OnnxExport:
+                 quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
+                 graph: str | None = None, gqa: str = "pad") -> OnnxExport:
     """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity."""
     import onnx
 
@@ -263,28 +295,57 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
-    if quantize not in (None, "int8"):
-        raise GispError(f"--quantize: expected 'int8', got '{quantize}'")
+    if quantize not in (None, "int8", "int4"):
+        raise GispError(f"--quantize: expected 'int8' or 'int4', got '{quantize}'")
+    model = loaded.model.eval()
+    graph = choose_graph(model, graph, with_past)
+    if quantize == "int4" and graph != "fused":
+        raise GispError("--quantize int4 writes MatMulNBits into the fused graph; it needs --graph fused "
+                        f"(this export is --graph {graph})")
     from gisp_fx.save import staged_dir
 
     with staged_dir(out) as tmp:
-        model = loaded.model.eval()
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
-            layout, seconds = write_onnx(model, tmp, with_past)
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
-        check = parity(model, layout, tmp / MODEL_FILE)
+        extra: dict = {}
+        kv_index = None
+        if graph == "fused":
+            from gisp_fx.exporters.fused import write_fused
+
+            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE, gqa=gqa)
+            kv_index = {int(k): tuple(v) for k, v in extra["kv_index"].items()}
+        else:
+            with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
+                layout, seconds = write_onnx(model, tmp, with_past)
+            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
+        check = parity(model, layout, tmp / MODEL_FILE, kv_index=kv_index)
         if not check.ok(tolerance):
             raise GispError(f"export: onnxruntime disagrees with torch beyond {tolerance:g}: max |logit diff| "
                             f"{check.logits:.3g}, present K/V {check.present if check.present is not None else 0:.3g}; "
                             "nothing was written")
-        meta = {"source": source, "opset": OPSET, "with_past": layout is not None,
+        meta = {"source": source, "opset": OPSET, "graph": graph, "with_past": layout is not None,
                 "layout": asdict(layout) if layout is not None else None, "parity": asdict(check),
                 "tolerance": tolerance, "export_s": seconds, "params": param_counts(model), "torch": torch.__version__,
                 "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime")}
+        if extra:
+            meta["fused"] = extra
+            from gisp_fx.exporters.genai import genai_note, write_genai_config
+
+            graph_layout = CacheLayout(layout.num_layers, layout.layers, tuple(extra["graph_kv_heads"]),
+                                       layout.head_dims)
+            meta["genai"] = genai_note(graph_layout)
+            if meta["genai"] == "ok":
+                write_genai_config(tmp, model.config, graph_layout, GENAI_FILE)
+            else:
+                (tmp / GENAI_FILE).unlink()
         if quantize == "int8":
             quantize_int8(tmp)
-            q = parity(model, layout, tmp / INT8_FILE)  # expected to differ: reported, not enforced
+            q = parity(model, layout, tmp / INT8_FILE, kv_index=kv_index)  # expected to differ: reported, not enforced
             meta["int8"] = {"file": INT8_FILE, "parity": asdict(q)}
+        if quantize == "int4":
+            from gisp_fx.exporters.fused import write_fused
+
+            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize="int4", gqa=gqa)
+            q = parity(model, layout, tmp / INT4_FILE, kv_index=kv_index)  # expected to differ: reported
+            meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds}
         if loaded.tokenizer is not None:
             from gisp_fx.save import save_tokenizer
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
 
-ENGINES = ("ort", "ort-int8", "torch")
+ENGINES = ("ort", "ort-int8", "ort-int4", "torch", "genai")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return self.engine if self.engine == "torch" else f"{self.engine} (opt {self.opt})"
+        return self.engine if self.engine in ("torch", "genai") else f"{self.engine} (opt {self.opt})"
 
 
 @dataclass
@@ -85,6 +85,45 @@ class OrtTimer:
             mask = np.ones((1, pos + 1), dtype=np.int64)
             logits, past = self.model.step(nxt, mask, np.array([[pos]]), np.array([0]), past)
             pos += 1
+        return (time.perf_counter() - t0) / steps
+
+
+class GenaiTimer:
+    """An onnxruntime-genai model folder (genai_config.json), timed through og.Generator: the anchor rows."""
+
+    def __init__(self, folder: Path, threads: int, provider: str, max_length: int):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise GispError(f"bench: '{folder}' is an onnxruntime-genai model; `pip install onnxruntime-genai` "
+                            "(make latency installs it) to time it") from exc
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        if provider != "cpu":
+            config.clear_providers()
+            config.append_provider(provider)
+        self.model = og.Model(config)
+        self.max_length = max_length
+        self.vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+
+    def _generator(self, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def prefill(self, ids: np.ndarray) -> float:
+        gen = self._generator(ids.shape[1] + 1)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids.astype(np.int32))
+        return time.perf_counter() - t0
+
+    def decode(self, ids: np.ndarray, steps: int) -> float:
+        gen = self._generator(ids.shape[1] + steps + 1)
+        gen.append_tokens(ids.astype(np.int32))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
         return (time.perf_counter() - t0) / steps
 
 
@@ -142,9 +181,14 @@ def _export_params(meta_file: Path) -> dict:
     return params
 
 
+def is_genai_folder(spec: str) -> bool:
+    p = Path(spec)
+    return (p / "genai_config.json").is_file() and not (p / "gisp_onnx.json").is_file()
+
+
 def make_targets(specs: list[str], engines: list[str], opts: list[str], settings: BenchSettings):
     """(Target, timer) pairs: ONNX exports run in onnxruntime, model folders/specs in torch eager."""
-    from gisp_fx.exporters.onnx import INT8_FILE, META_FILE
+    from gisp_fx.exporters.onnx import INT4_FILE, INT8_FILE, META_FILE
     from gisp_fx.exporters.ort import GRAPH_OPT, resolve_provider
     from gisp_fx.loading import load_model, param_counts
 
@@ -160,17 +204,26 @@ def make_targets(specs: list[str], engines: list[str], opts: list[str], settings
     threads = settings.threads or os.cpu_count() or 1
     out = []
     for spec in specs:
-        if is_onnx_export(spec):
+        if is_genai_folder(spec):
+            if "genai" not in engines:
+                raise GispError(f"bench: '{spec}' is an onnxruntime-genai model; add 'genai' to --engines")
+            meta = Path(spec) / "gisp_params.json"  # written by benchmarks/latency.py beside the genai build
+            params = json.loads(meta.read_text()) if meta.is_file() else {}
+            if not params:
+                raise GispError(f"bench: '{spec}' has no gisp_params.json (parameter counts of the source model)")
+            timer = GenaiTimer(Path(spec), threads, settings.provider, max(settings.prefill + (settings.prompt + settings.decode,)) + 2)
+            out.append((Target(spec, "genai", "-", params), timer))
+        elif is_onnx_export(spec):
             folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
             meta_file = folder / META_FILE
             if not meta_file.is_file():
                 raise GispError(f"bench: '{folder}' has no {META_FILE}; bench ONNX folders written by gisp-fx export")
             params = _export_params(meta_file)
             for engine in [e for e in engines if e.startswith("ort")]:
-                file = folder / (INT8_FILE if engine == "ort-int8" else "model.onnx")
+                file = folder / {"ort-int8": INT8_FILE, "ort-int4": INT4_FILE}.get(engine, "model.onnx")
                 if not file.is_file():
-                    if engine == "ort-int8":
-                        continue  # this export has no int8 variant
+                    if engine != "ort":
+                        continue  # this export has no int8 / int4 variant
                     raise GispError(f"bench: '{file}' is missing")
                 for opt in opts:
                     out.append((Target(spec, engine, opt, params), OrtTimer(file, settings.provider, threads, opt)))
@@ -281,7 +334,7 @@ def plot(summary: list[dict], settings: BenchSettings, path: Path, title: str) -
     names = list(dict.fromkeys(e["name"] for e in summary))
     for ax, metric in zip(axes[0], metrics):
         for i, name in enumerate(names):
-            pts = sorted((e["sparsity"], e) for e in summary if e["name"] == name)
+            pts = sorted(((e["sparsity"], e) for e in summary if e["name"] == name), key=lambda t: t[0])
             if not pts:
                 continue
             xs = [100 * s for s, _ in pts]

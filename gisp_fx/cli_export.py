@@ -19,13 +19,16 @@ def _export(args: argparse.Namespace) -> None:
         return
     loaded = load_model(args.model)
     result = export_model(loaded, args.output, with_past=args.with_past, overwrite=args.overwrite,
-                          quantize=args.quantize, source=args.model)
+                          quantize=args.quantize, source=args.model, graph=args.graph, gqa=args.gqa)
     p = result.parity
     present = f", present K/V {p.present:.2e}" if p.present is not None else ""
     layout = result.layout
     heads = (f"; KV cache on {len(layout.layers)}/{layout.num_layers} layers, K/V heads per layer "
              f"{','.join(map(str, layout.kv_heads))}") if layout is not None else " (no KV cache)"
-    print(f"exported {args.model} -> {result.path}/model.onnx (opset {result.opset}, {result.export_s:.0f} s){heads}")
+    import json
+
+    graph = json.loads((result.path / "gisp_onnx.json").read_text())["graph"]
+    print(f"exported {args.model} -> {result.path}/model.onnx ({graph} graph, {result.export_s:.1f} s){heads}")
     print(f"parity vs torch (padded batch {p.batch}, {p.seq} new + {p.past} cached positions): max |logit diff| "
           f"{p.logits:.2e}{present}")
 
@@ -36,7 +39,15 @@ def add_export_commands(sub) -> None:
     p.add_argument("--output", required=True, help="output folder (model.onnx + weights, tokenizer, gisp_onnx.json)")
     p.add_argument("--with-past", action="store_true",
                    help="KV-cache inputs/outputs (past_key_values.*, present.*) for generation")
-    p.add_argument("--quantize", choices=["int8"], help="also write model_int8.onnx (onnxruntime dynamic int8)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="also write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
+                        "block-wise int4 MatMulNBits, block 32)")
+    p.add_argument("--gqa", choices=["pad", "dup"], default="pad",
+                   help="fused graph, uneven query groups per K/V head: pad (default) fills short groups with zero "
+                        "query heads, the cache keeps the model's K/V heads; dup repeats K/V heads (bigger cache)")
+    p.add_argument("--graph", choices=["fused", "traced"],
+                   help="fused (default with --with-past for llama/qwen2): onnxruntime contrib ops written from the "
+                        "weights (GroupQueryAttention, fused norms); traced: torch.export of the HF model (any family)")
     p.add_argument("--exporter", default="native", choices=["native", "optimum"],
                    help="native (default): gisp-fx's exporter, any per-layer K/V heads; optimum: optimum-onnx layout "
                         "for ORTModelForCausalLM (transformers 4.57 line, uniform K/V heads only)")

@@ -1,0 +1,152 @@
+"""The fused ONNX graph (exporters/fused.py) and int4 weights (exporters/int4.py) against torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer, tokens
+from gisp_fx.errors import GispError
+from gisp_fx.exporters.fused import even_groups
+from gisp_fx.exporters.int4 import BLOCK, dequantize, pack, quantize_blocks
+from gisp_fx.exporters.onnx import INT4_FILE, META_FILE, choose_graph, export_model
+from gisp_fx.exporters.ort import OrtCausalLM
+from gisp_fx.loading import LoadedModel
+from gisp_fx.passes.shrink import shrink_
+from gisp_fx.pipeline import analyse
+from test_rewrite import SELECTION, UNEVEN
+
+
+def _model(selection=None, arch="llama-gqa"):
+    model = tiny_model(arch)
+    if selection is not None:
+        shrink_(model, analyse(model), selection)
+    return model
+
+
+def _batch():
+    ids = tokens(2, 9, seed=5)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding on the first row
+    return ids, mask
+
+
+@pytest.mark.parametrize("selection,gqa", [(None, "pad"), (SELECTION, "pad"), (UNEVEN, "pad"), (UNEVEN, "dup")],
+                         ids=["dense", "emptied", "uneven-pad", "uneven-dup"])
+def test_fused_parity_and_greedy_equal_torch(selection, gqa, tmp_path):
+    model = _model(selection)
+    result = export_model(LoadedModel(model, tiny_tokenizer(), "tiny"), tmp_path / "onnx", with_past=True, gqa=gqa)
+    assert result.parity.logits < 1e-4 and result.parity.present < 1e-4 and result.parity.past == 5
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    assert meta["graph"] == "fused"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "QuickGelu"} <= ops
+    runner = OrtCausalLM(tmp_path / "onnx")
+    if selection is SELECTION:  # layer 1 lost its attention (no cache), layer 2 its MLP
+        assert [(s.layer, s.heads) for s in runner.past] == [(0, 1), (2, 2)]
+    if selection is UNEVEN and gqa == "dup":  # layer 0: K/V head 0 has 1 query head, K/V head 1 has 2 -> 1 twice
+        assert meta["fused"]["kv_index"]["0"] == [0, 1, 1] and meta["fused"]["kv_index"]["1"] == [0, 1]
+        assert meta["fused"]["cache_bytes_per_token"] > meta["fused"]["model_cache_bytes_per_token"]
+    if selection is UNEVEN and gqa == "pad":  # the group of 1 gets a zero query head; the cache is the model's
+        assert meta["fused"]["query_order"]["0"] == [0, -1, 1, 2] and meta["fused"]["zero_query_heads"] == 1
+        assert meta["fused"]["cache_bytes_per_token"] == meta["fused"]["model_cache_bytes_per_token"]
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    got = runner(ids, attention_mask=mask).logits
+    assert (got - expected)[mask.bool()].abs().max() < 1e-4
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0), greedy)
+
+
+def test_qwen2_biases_fused(tmp_path):
+    result = export_model(LoadedModel(_model(SELECTION, "qwen2"), None, "tiny"), tmp_path / "onnx", with_past=True)
+    assert result.parity.logits < 1e-4 and result.parity.present < 1e-4
+
+
+def test_even_groups():
+    for mode in ("pad", "dup"):
+        assert even_groups((0, 0, 0, 1, 1, 1), mode) == ((0, 1, 2, 3, 4, 5), (0, 1))  # dense GQA: unchanged
+        assert even_groups((1, 0, 1, 0), mode) == ((1, 3, 0, 2), (0, 1))  # reordered, no copies
+    assert even_groups((0, 1, 1), "dup") == ((0, 1, 2), (0, 1, 1))  # 1 + 2 heads: K/V head 1 twice
+    assert even_groups((0, 0, 1, 1, 1, 1), "dup") == ((0, 1, 2, 3, 4, 5), (0, 1, 1))  # gcd 2
+    assert even_groups((0, 1, 1), "pad") == ((0, -1, 1, 2), (0, 1))  # a zero query head fills the group of 1
+    with pytest.raises(GispError, match="--gqa: expected one of pad, dup"):
+        even_groups((0,), "even")
+
+
+def test_int4_blocks_round_trip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 70)).astype(np.float32)  # 70: the last block is padded
+    codes, scale, zero = quantize_blocks(w)
+    assert codes.shape == (5, 3, BLOCK) and codes.max() <= 15
+    back = dequantize(codes, scale, zero, 70)
+    err = np.abs(back - w).reshape(5, -1)
+    # round to nearest: at most half a step per block (plus float slack)
+    steps = np.repeat(scale, BLOCK, axis=1)[:, :70]
+    assert (err <= steps / 2 + 1e-6).all() and err.max() > 0
+    packed, zp = pack(codes, zero)
+    assert packed.shape == (5, 3, BLOCK // 2) and zp.shape == (5 * 2,)
+    assert (packed[0, 0, 0] & 15) == codes[0, 0, 0] and (packed[0, 0, 0] >> 4) == codes[0, 0, 1]
+
+
+def test_int4_export_close_to_fp32(tmp_path):
+    model = _model(UNEVEN)
+    export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True, quantize="int4")
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / INT4_FILE), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    # int4 of a random tiny model: logits move, but stay within a stated tolerance of torch fp32
+    assert 1e-4 < meta["int4"]["parity"]["logits"] < 0.25  # measured 0.11 (logits of this model span about +-1)
+    ids, mask = _batch()
+    out = OrtCausalLM(tmp_path / "onnx" / INT4_FILE).generate(ids, mask, max_new_tokens=4)
+    assert out.shape == (2, 13)
+
+
+def test_bad_input(tmp_path):
+    gemma = tiny_model("gemma2")
+    assert choose_graph(gemma, None, True) == "traced" and choose_graph(_model(), None, True) == "fused"
+    assert choose_graph(_model(), None, False) == "traced"
+    with pytest.raises(GispError, match="model type 'gemma2' is not covered.*--graph traced"):
+        export_model(LoadedModel(gemma, None, "tiny"), tmp_path / "g2", graph="fused")
+    with pytest.raises(GispError, match="int4.*needs --graph fused"):
+        export_model(LoadedModel(_model(), None, "tiny"), tmp_path / "t", graph="traced", quantize="int4")
+    narrow = _model()
+    with torch.no_grad():  # an MLP narrowed to 8 channels: down_proj has 8 input features, too few for MatMulNBits
+        mlp = narrow.model.layers[0].mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            setattr(mlp, name, torch.nn.Linear(old.in_features, 8, bias=False))
+        mlp.down_proj = torch.nn.Linear(8, mlp.down_proj.out_features, bias=False)
+    with pytest.raises(GispError, match="down_proj has shape .out 64, in 8.*without --quantize int4"):
+        export_model(LoadedModel(narrow, None, "tiny"), tmp_path / "n", quantize="int4")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("selection", [None, UNEVEN], ids=["dense", "uneven"])
+def test_genai_runs_the_export(selection, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")  # installed by `make latency` (a benchmark-only dependency)
+    model = _model(selection)
+    export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True)
+    ids = torch.tensor([[5, 9, 13, 22, 7, 40]])
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+    genai = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(greedy), do_sample=False)
+    gen = og.Generator(genai, params)
+    gen.append_tokens(ids.numpy().astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)] == greedy
+
+
+def test_genai_config_refused_without_consecutive_caches(tmp_path):
+    export_model(LoadedModel(_model(SELECTION), None, "tiny"), tmp_path / "onnx", with_past=True)
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    assert meta["genai"].startswith("not written: layers [1] have no attention left")
+    assert not (tmp_path / "onnx" / "genai_config.json").exists()
