@@ -32,6 +32,7 @@ def _compile(args: argparse.Namespace) -> None:
         calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows,
+        checkpoint=args.checkpoint,
     )
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
     r = result.report
@@ -112,6 +113,9 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing while scoring: decoder activations recomputed in backward (less "
+                        "memory, about one more forward per batch)")
     p.add_argument("--export", choices=["onnx"],
                    help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)

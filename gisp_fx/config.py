@@ -33,6 +33,7 @@ class CompileConfig:
     seed: int = 0
     eval_windows: int | None = 256  # WikiText-2 test windows for the report; None = all 2,382 (about 10 min each)
     version: int = CONFIG_VERSION
+    checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
 
     def validate(self) -> "CompileConfig":
         if not 0 < self.sparsity <= 0.95:
@@ -80,5 +81,5 @@ class CompileConfig:
 
     def same_run(self, other: "CompileConfig") -> list[str]:
         """The settings that differ and would change the trajectory (output/eval settings do not)."""
-        ignore = {"output", "eval_windows"}
+        ignore = {"output", "eval_windows", "checkpoint"}  # checkpointing recomputes the same numbers
         return [f.name for f in fields(self) if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]

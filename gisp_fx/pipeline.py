@@ -204,6 +204,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
+        _free_memory()
         selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
@@ -231,6 +232,21 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         "this is a gisp-fx bug, please report it with the model and settings")
     after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl")
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
+
+
+def _free_memory() -> None:
+    """Return the step's freed gradients and activations to the system: collect cycles, empty the CUDA cache,
+    and ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, traj, needed: int,
@@ -265,7 +281,7 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
         if not isinstance(calib, LmCalibration):
             raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
         return wanda_sp_scores(model, plan, calib, progress)
-    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients")
+    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
 
 
 def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started) -> CompileResult:
