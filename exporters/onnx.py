@@ -250,6 +250,17 @@ def quantize_int8(folder: Path) -> Path:
     return dst
 
 
+def _as_fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """The ONNX export and its onnxruntime parity check run on fp32 CPU weights: a half-precision or GPU model is
+    cast (in place) with a note, rather than met with onnxruntime's raw type error."""
+    p = next(model.parameters())
+    if p.dtype != torch.float32 or p.device.type != "cpu":
+        print(f"export: the model is {str(p.dtype).removeprefix('torch.')} on {p.device}; casting it to float32 on "
+              "cpu for the ONNX export and its parity check (the in-memory model stays float32 on cpu)")
+        model.to(device="cpu", dtype=torch.float32)
+    return model
+
+
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
                  quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "") -> OnnxExport:
     """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity."""
@@ -265,7 +276,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
     from gisp_fx.save import staged_dir
 
     with staged_dir(out) as tmp:
-        model = loaded.model.eval()
+        model = _as_fp32_cpu(loaded.model).eval()
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
             layout, seconds = write_onnx(model, tmp, with_past)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)

@@ -19,6 +19,12 @@ def _windows(value: str) -> int | None:
     return n
 
 
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32); gradients are summed and scores kept in fp32/fp64")
+
+
 def _compile(args: argparse.Namespace) -> None:
     from gisp_fx.config import CompileConfig
     from gisp_fx.pipeline import compile_model
@@ -33,6 +39,8 @@ def _compile(args: argparse.Namespace) -> None:
         oneshot=args.oneshot, normalize=args.normalize, protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows,
         checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
     )
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume)
     r = result.report
@@ -55,7 +63,7 @@ def _materialize(args: argparse.Namespace) -> None:
     if (args.sparsity is None) == (args.step is None):
         raise GispError("materialize: give exactly one of --sparsity or --step")
     _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
 
 
@@ -77,7 +85,10 @@ def _eval(args: argparse.Namespace) -> None:
         model = OrtCausalLM(args.model)
         loaded = LoadedModel(model, load_tokenizer(str(model.path.parent)), args.model)
     else:
-        loaded = load_model(args.model)
+        from gisp_fx.device import resolve
+
+        device, dtype = resolve(args.device, args.dtype)
+        loaded = load_model(args.model, dtype=dtype, device=str(device))
     results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
                        args.batch_size)
     if args.json:
@@ -113,6 +124,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--output", help="output folder (default runs/<model>-<method>-<percent>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
+    add_device_flags(p)
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing while scoring: decoder activations recomputed in backward (less "
                         "memory, about one more forward per batch)")
@@ -126,6 +138,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--step", type=int)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_device_flags(p)
     p.set_defaults(func=_materialize)
 
     p = sub.add_parser("eval", help="evaluate a model or pruned folder: perplexity, commonsense QA, GSM8K")
@@ -136,6 +149,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--limit", type=int, help="a seeded subset of this many questions per QA task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    add_device_flags(p)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=_windows, default=None,
                    help="WikiText-2: a number of evenly spaced windows, or all (default)")

@@ -11,6 +11,7 @@ OBJECTIVES = ("ppl", "margin")
 NORMALIZE = ("reference", "params", "none")
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
+DTYPES = ("float32", "bfloat16", "float16")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 
 
@@ -34,6 +35,8 @@ class CompileConfig:
     eval_windows: int | None = 256  # WikiText-2 test windows for the report; None = all 2,382 (about 10 min each)
     version: int = CONFIG_VERSION
     checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # the weights' dtype: float32 | bfloat16 | float16 (gradients summed in fp32)
 
     def validate(self) -> "CompileConfig":
         if not 0 < self.sparsity <= 0.95:
@@ -54,6 +57,8 @@ class CompileConfig:
                 raise GispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise GispError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.dtype not in DTYPES:
+            raise GispError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         return self

@@ -160,11 +160,14 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     from gisp_fx.passes.shrink import shrink_
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
+    from gisp_fx.device import resolve
+
     config.validate()
+    device, dtype = resolve(config.device, config.dtype)
     started = time.perf_counter()
     final, partial = _prepare_output(config, overwrite, resume)
-    loaded = loaded or load_model(config.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))
+    model, tokenizer = loaded.model.to(device=device, dtype=dtype), loaded.tokenizer
     plan0 = analyse(model)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     protect = parse_protect(config.protect, len(plan0.layers))
@@ -311,12 +314,15 @@ def load_trajectory(run_dir: str):
     return Trajectory.load(run / TRAJECTORY_DIR)
 
 
-def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None):
+def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None, device: str = "cpu",
+                      dtype: str = "float32"):
     """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights."""
+    from gisp_fx.device import resolve
     from gisp_fx.loading import load_model
 
     removed = _removals_for(traj, sparsity, step)
-    loaded = loaded or load_model(traj.config["model"])
+    dev, dt = resolve(device, dtype)
+    loaded = loaded or load_model(traj.config["model"], dtype=dt, device=str(dev))
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
@@ -325,14 +331,15 @@ def materialize_model(traj, sparsity: float | None, *, step: int | None = None, 
 
 
 def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
-                overwrite: bool = False, loaded=None):
+                overwrite: bool = False, loaded=None, device: str = "cpu", dtype: str = "float32"):
     """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
     from gisp_fx.save import save_pruned, staged_dir
 
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
-    loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded)
+    loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,
+                                               device=device, dtype=dtype)
     with staged_dir(out) as tmp:
         save_pruned(loaded.model, loaded.tokenizer, tmp)
     return loaded.model, plan, sparsity

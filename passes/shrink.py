@@ -147,7 +147,8 @@ def shrink_(model: nn.Module, plan: GroupPlan, selection: Selection) -> GroupPla
         out = model.get_submodule(out_name) if out_name else None
         bias = out.bias.detach().clone() if out is not None and out.bias is not None else None
         hidden = plan.hidden_size
-        new = EmptyBlock(hidden, bias is not None, kind == "attention", block).to(next(block.parameters()).device)
+        like = next(block.parameters())  # the stub's bias takes the model's device and dtype (bf16 stays bf16)
+        new = EmptyBlock(hidden, bias is not None, kind == "attention", block).to(device=like.device, dtype=like.dtype)
         if bias is not None:
             new.out_bias.data.copy_(bias)
         _set_module(model, name, new)
