@@ -130,3 +130,18 @@ def checkpointed(model: nn.Module, enabled: bool = True):
     finally:
         for layer in layers:
             del layer.forward  # the instance attribute: the class's forward shows through again
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Next-token NLL [B, L-1] of windows `ids` (no gradient), the head's logits taken `chunk` elements at a time.
+    A model without a decoder/head split (the onnxruntime runner) is scored on its full logits."""
+    if chunk <= 0 or not isinstance(model, nn.Module) or model.get_output_embeddings() is None:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    fn = head_fn(model)
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    rows = max(1, chunk // model.get_output_embeddings().weight.shape[0])
+    out = torch.cat([nn.functional.cross_entropy(fn(flat[s : s + rows]).float(), targets[s : s + rows],
+                                                 reduction="none") for s in range(0, flat.shape[0], rows)])
+    return out.view(ids.shape[0], ids.shape[1] - 1)

@@ -85,3 +85,16 @@ def test_half_precision_gradients_are_summed_in_fp32():
     for name, (w, b) in half.items():
         assert w.dtype == torch.float32 and b is None
         assert ((w - ref[name][0]).norm() / ref[name][0].norm()).item() < 0.05, name
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen2"])
+def test_chunked_token_nll_equals_the_full_logits(arch):
+    from gisp_fx.passes.lm_loss import token_nll
+
+    model = tiny_model(arch)
+    ids = tokens(batch=3, seq=13)
+    with torch.inference_mode():
+        full = token_nll(model, ids, chunk=0)
+        chunked = token_nll(model, ids, chunk=96 * 5)
+    assert chunked.shape == (3, 12)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
