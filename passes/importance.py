@@ -148,12 +148,12 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk):
             if lin.bias is not None:
                 lin.bias.requires_grad_(True)
         if isinstance(calib, LmCalibration):
-            ids = calib.input_ids
+            ids = _my_share(calib.input_ids)
             if loss_chunk > 0:
                 check_head_(model, ids.to(device))
             work = [(lambda b=ids[i : i + calib.batch_size].to(device): (chunked_lm_loss(model, b, loss_chunk), len(b)))
                     for i in range(0, len(ids), calib.batch_size)]
-            grads, loss, n = _accumulate(model, linears, work, desc, progress)
+            grads, loss, n = _all_reduced(*_accumulate(model, linears, work, desc, progress))
             return _scaled(grads, 1.0 / n), loss / n
         if isinstance(calib, CustomCalibration):
             work = [(lambda b=b, s=s: (calib.loss_fn(model, b), s)) for b, s in zip(calib.batches, calib.sizes)]
@@ -181,6 +181,44 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk):
         for n, p in model.named_parameters():
             p.requires_grad_(saved.get(n, False))
         model.train(was_training)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group this process is in; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _my_share(ids: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows (all of them in one process)."""
+    rank, world = _world()
+    if world == 1:
+        return ids
+    if len(ids) < world:
+        raise GispError(f"--nproc: {world} processes but only {len(ids)} calibration windows; every process needs "
+                        "at least one (raise --calib-samples or use fewer processes)")
+    return torch.tensor_split(ids, world)[rank]
+
+
+def _all_reduced(grads, total_loss: float, total_n: int):
+    """Every rank's gradient sums, loss sum and window count added up (each sum is already weighted by its
+    windows), so that every rank divides the same totals and selects the same groups."""
+    rank, world = _world()
+    if world == 1:
+        return grads, total_loss, total_n
+    import torch.distributed as dist
+
+    for w, b in grads.values():
+        for t in (w, b):
+            if t is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    totals = torch.tensor([total_loss, float(total_n)], dtype=torch.float64,
+                          device=next(iter(grads.values()))[0].device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return grads, totals[0].item(), int(round(totals[1].item()))
 
 
 def _scaled(grads, factor):
