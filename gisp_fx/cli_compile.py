@@ -26,8 +26,16 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> None:
+    import os
+    import sys
+
     from gisp_fx.config import CompileConfig
     from gisp_fx.pipeline import compile_model
+
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from gisp_fx.distributed import launch, strip_nproc
+
+        return launch(args.nproc, strip_nproc(sys.argv[1:]))
 
     method = "oneshot" if args.oneshot and args.method == "gisp" else args.method
     name = args.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -125,6 +133,9 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished step")
     add_device_flags(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (torchrun, one machine; gloo on cpu, NCCL on cuda): the calibration windows are "
+                        "split across them and their gradient sums all-reduced (default 1)")
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing while scoring: decoder activations recomputed in backward (less "
                         "memory, about one more forward per batch)")

@@ -8,7 +8,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +161,20 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
     from gisp_fx.device import resolve
+    from gisp_fx.distributed import join_
 
     config.validate()
-    device, dtype = resolve(config.device, config.dtype)
+    rank, world, device_spec = join_(config.device)
+    device, dtype = resolve(device_spec, config.dtype)
+    if world > 1 and resume:
+        raise GispError("--resume: an unfinished run is resumed in one process; drop --nproc / torchrun to resume")
+    if rank != 0:  # the same computation as rank 0, written to a scratch folder removed at exit
+        import atexit
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"gisp-fx-rank{rank}-")
+        atexit.register(shutil.rmtree, scratch, True)
+        config, overwrite, progress = replace(config, output=str(Path(scratch) / "run")), True, False
     started = time.perf_counter()
     final, partial = _prepare_output(config, overwrite, resume)
     loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))

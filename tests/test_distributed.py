@@ -63,3 +63,25 @@ def test_two_processes_give_the_scores_and_removals_of_one(tmp_path):
 def test_more_processes_than_windows_is_refused(tmp_path):
     results = _spawn(tmp_path, 1)
     assert all("2 processes but only 1 calibration windows" in r["error"] for r in results)
+
+
+def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, capsys):
+    """`gisp-fx compile --nproc 2` launches torchrun (gloo); rank 0 alone writes, and the run removes what a
+    single-process run removes."""
+    import json
+    import sys
+
+    from gisp_fx.cli import main
+
+    path = tiny_folder("llama-gqa")
+    common = ["compile", path, "--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-len", "16",
+              "--batch-size", "2", "--eval-windows", "2", "--protect", "none"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*common, "--output", str(one)]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", ["gisp-fx", *common, "--output", str(two), "--nproc", "2"])
+    assert main(sys.argv[1:]) == 0
+    steps = [json.loads((d / "trajectory" / "trajectory.json").read_text())["steps"] for d in (one, two)]
+    assert [s["removed"] for s in steps[0]] == [s["removed"] for s in steps[1]]
+    assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
+    assert not list(tmp_path.glob("two.partial")) and (two / "report.json").is_file()
