@@ -47,12 +47,13 @@ def build(name: str, windows: int):
 def run_one(name: str, mode: str, windows: int) -> dict:
     """In this process: build, capture, score once; the peak RSS of each phase."""
     from gisp_fx.passes.importance import LmCalibration, score
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.pipeline import _free_memory, analyse
 
     model, ids = build(name, windows)
     weights = sum(p.numel() for p in model.parameters())
     loaded_mb = _rss_mb()
     plan = analyse(model)
+    _free_memory()  # as compile_model does after its capture
     analysed_mb = _rss_mb()
     t0 = time.perf_counter()
     scores = score(model, plan, LmCalibration(ids, 8), progress=False, **MODES[mode])

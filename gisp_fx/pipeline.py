@@ -180,6 +180,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))
     model, tokenizer = loaded.model.to(device=device, dtype=dtype), loaded.tokenizer
     plan0 = analyse(model)
+    _free_memory()  # the load's and the capture's temporaries, before scoring stacks on them
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     protect = parse_protect(config.protect, len(plan0.layers))
     target_removed = math.ceil(config.sparsity * plan0.decoder_params)
