@@ -284,6 +284,17 @@ def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
     return graph
 
 
+def _as_fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """The ONNX export and its onnxruntime parity check run on fp32 CPU weights: a half-precision or GPU model is
+    cast (in place) with a note, rather than met with onnxruntime's raw type error."""
+    p = next(model.parameters())
+    if p.dtype != torch.float32 or p.device.type != "cpu":
+        print(f"export: the model is {str(p.dtype).removeprefix('torch.')} on {p.device}; casting it to float32 on "
+              "cpu for the ONNX export and its parity check (the in-memory model stays float32 on cpu)")
+        model.to(device="cpu", dtype=torch.float32)
+    return model
+
+
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
                  quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
                  graph: str | None = None, gqa: str = "pad") -> OnnxExport:
@@ -297,7 +308,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
     if quantize not in (None, "int8", "int4"):
         raise GispError(f"--quantize: expected 'int8' or 'int4', got '{quantize}'")
-    model = loaded.model.eval()
+    model = _as_fp32_cpu(loaded.model).eval()
     graph = choose_graph(model, graph, with_past)
     if quantize == "int4" and graph != "fused":
         raise GispError("--quantize int4 writes MatMulNBits into the fused graph; it needs --graph fused "

@@ -121,5 +121,5 @@ def _parity(model: torch.nn.Module, ort_model) -> float:
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
     got = ort_model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool().numpy()
-    return float(np.abs(got.detach().numpy() - expected.numpy())[real].max())
+    real = mask.bool().cpu().numpy()
+    return float(np.abs(got.detach().float().cpu().numpy() - expected.float().cpu().numpy())[real].max())

@@ -25,11 +25,24 @@ PG_FLAGS = ("pg_iters", "pg_samples", "pg_lr", "pg_init", "pg_groups", "pg_budge
 OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS)
 
 
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32); gradients are summed and scores kept in fp32/fp64")
+
+
 def _compile(args: argparse.Namespace) -> None:
+    import os
+    import sys
     from dataclasses import fields
 
     from gisp_fx.config import CompileConfig
     from gisp_fx.pipeline import compile_model
+
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from gisp_fx.distributed import launch, strip_nproc
+
+        return launch(args.nproc, strip_nproc(sys.argv[1:]))
 
     method = "oneshot" if args.oneshot and args.method == "gisp" else args.method
     name = args.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -43,6 +56,7 @@ def _compile(args: argparse.Namespace) -> None:
         calib_samples=flag["calib_samples"], seq_len=flag["seq_len"], batch_size=flag["batch_size"],
         steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
+        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
     )
     config.validate(frozenset(given))
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume,
@@ -69,7 +83,7 @@ def _materialize(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.run_dir):
         raise GispError(f"materialize: '{args.run_dir}' is not a folder; give the output folder of `gisp-fx compile`")
     _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
 
 
@@ -92,7 +106,10 @@ def _eval(args: argparse.Namespace) -> None:
         model = OrtCausalLM(args.model)
         loaded = LoadedModel(model, load_tokenizer(str(model.path.parent)), args.model)
     else:
-        loaded = load_model(args.model)
+        from gisp_fx.device import resolve
+
+        device, dtype = resolve(args.device, args.dtype)
+        loaded = load_model(args.model, dtype=dtype, device=str(device))
     results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, args.seq_len, args.windows,
                        args.batch_size, bos=args.bos)
     if args.json:
@@ -160,6 +177,13 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--discard-partial", action="store_true",
                    help="delete an interrupted run of this --output (OUTPUT.partial) and start afresh; without "
                         "this flag or --resume such a run is kept and the command refused")
+    add_device_flags(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (torchrun, one machine; gloo on cpu, NCCL on cuda): the calibration windows are "
+                        "split across them and their gradient sums all-reduced (default 1)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing while scoring: decoder activations recomputed in backward (less "
+                        "memory, about one more forward per batch)")
     p.add_argument("--export", choices=["onnx"],
                    help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)
@@ -170,6 +194,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--step", type=int)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_device_flags(p)
     p.set_defaults(func=_materialize)
 
     p = sub.add_parser("eval", help="evaluate a model or pruned folder: perplexity, commonsense QA, GSM8K")
@@ -180,6 +205,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--limit", type=int, help="a seeded subset of this many questions per QA task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    add_device_flags(p)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=_windows, default=None,
                    help="WikiText-2: a number of evenly spaced windows, or all (default)")

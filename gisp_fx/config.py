@@ -11,6 +11,7 @@ OBJECTIVES = ("ppl", "margin")
 NORMALIZE = ("reference", "params", "none")
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg")
 GRADIENT_METHODS = ("gisp", "oneshot", "taylor-local")
+DTYPES = ("float32", "bfloat16", "float16")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 CALIBRATION_FREE = ("magnitude", "random")  # score from the weights (or the seed) alone
 NORMALIZING_METHODS = ("gisp", "oneshot")  # the methods whose global ranking --normalize changes
@@ -45,6 +46,9 @@ class CompileConfig:
     pg_groups: str = "kv"
     pg_budget: str = "params"
     pg_penalty: float = 0.0
+    checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # the weights' dtype: float32 | bfloat16 | float16 (gradients summed in fp32)
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -71,6 +75,8 @@ class CompileConfig:
             raise GispError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         if self.bos not in BOS_MODES:
             raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
+        if self.dtype not in DTYPES:
+            raise GispError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         ignored = self.ignored(self.non_default() if given is None else given)
@@ -133,5 +139,5 @@ class CompileConfig:
 
     def same_run(self, other: "CompileConfig") -> list[str]:
         """The settings that differ and would change the trajectory (output/eval settings do not)."""
-        ignore = {"output", "eval_windows"}
+        ignore = {"output", "eval_windows", "checkpoint"}  # checkpointing recomputes the same numbers
         return [f.name for f in fields(self) if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]

@@ -52,12 +52,14 @@ def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | No
     pick = evenly_spaced(len(all_windows), windows)
     data = all_windows[torch.from_numpy(pick)]
     device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
+    from gisp_fx.passes.lm_loss import check_head_, token_nll
+
     nll_sum = 0.0
     model.eval()
+    if isinstance(model, torch.nn.Module):  # the head in chunks: never the whole batch's full-vocabulary logits
+        check_head_(model, data[:1].to(device))
     with torch.inference_mode():
         for i in tqdm(range(0, len(data), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
             x = data[i : i + batch_size].to(device)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-            nll_sum += nll.mean(1).sum().item()
+            nll_sum += token_nll(model, x).mean(1).sum().item()
     return Perplexity(math.exp(nll_sum / len(data)), len(data), len(all_windows), seq_len, start is not None)

@@ -8,9 +8,10 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -101,23 +102,36 @@ class CompileResult:
 
 
 class _Alive:
-    """Original indices of the groups still in the model, per layer: maps current plan indices back."""
+    """Original indices of the groups still in the model, per layer: maps current plan indices back.
+
+    Sorted int64 arrays (a 7B model has ~3.5 * 10^5 groups): lookups index them, removal is one mask per layer.
+    """
 
     def __init__(self, plan: GroupPlan):
-        self.heads = [list(range(l.attention.num_heads)) if l.attention else [] for l in plan.layers]
-        self.channels = [list(range(l.mlp.channels)) if l.mlp else [] for l in plan.layers]
+        self.heads = [np.arange(l.attention.num_heads if l.attention else 0, dtype=np.int64) for l in plan.layers]
+        self.channels = [np.arange(l.mlp.channels if l.mlp else 0, dtype=np.int64) for l in plan.layers]
 
     def original(self, ref: GroupRef) -> GroupRef:
         ids = self.heads if ref.kind is Kind.HEAD else self.channels
-        return GroupRef(ref.layer, ref.kind, ids[ref.layer][ref.index])
+        return GroupRef(ref.layer, ref.kind, int(ids[ref.layer][ref.index]))
 
     def current(self, ref: GroupRef) -> GroupRef:
-        ids = self.heads if ref.kind is Kind.HEAD else self.channels
-        return GroupRef(ref.layer, ref.kind, ids[ref.layer].index(ref.index))
+        ids = (self.heads if ref.kind is Kind.HEAD else self.channels)[ref.layer]
+        at = int(np.searchsorted(ids, ref.index))
+        if at >= len(ids) or ids[at] != ref.index:
+            raise ValueError(f"{ref} is no longer in the model")
+        return GroupRef(ref.layer, ref.kind, at)
 
     def remove(self, refs) -> None:
+        gone: dict[tuple[int, Kind], list[int]] = {}
         for ref in refs:
-            (self.heads if ref.kind is Kind.HEAD else self.channels)[ref.layer].remove(ref.index)
+            gone.setdefault((ref.layer, ref.kind), []).append(ref.index)
+        for (layer, kind), ids in gone.items():
+            table = self.heads if kind is Kind.HEAD else self.channels
+            keep = ~np.isin(table[layer], ids)
+            if len(table[layer]) - int(keep.sum()) != len(set(ids)):
+                raise ValueError(f"layer {layer}: some of the {kind.value}s {sorted(ids)} are not in the model")
+            table[layer] = table[layer][keep]
 
 
 def replay_(model, plan0: GroupPlan, removed: tuple[GroupRef, ...]) -> tuple[GroupPlan, _Alive]:
@@ -167,14 +181,29 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     from gisp_fx.passes.shrink import shrink_
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
+    from gisp_fx.device import resolve
+    from gisp_fx.distributed import join_
+
     config.validate()
+    rank, world, device_spec = join_(config.device)
+    device, dtype = resolve(device_spec, config.dtype)
+    if world > 1 and resume:
+        raise GispError("--resume: an unfinished run is resumed in one process; drop --nproc / torchrun to resume")
+    if rank != 0:  # the same computation as rank 0, written to a scratch folder removed at exit
+        import atexit
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"gisp-fx-rank{rank}-")
+        atexit.register(shutil.rmtree, scratch, True)
+        config, overwrite, progress = replace(config, output=str(Path(scratch) / "run")), True, False
     started = time.perf_counter()
     final, partial = _prepare_output(config, overwrite, resume, discard_partial)
     traj_dir = partial / TRAJECTORY_DIR
     resumed = _resumable(traj_dir, config, partial) if resume else None  # checked before any model is loaded
-    loaded = loaded or load_model(config.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))
+    model, tokenizer = loaded.model.to(device=device, dtype=dtype), loaded.tokenizer
     plan0 = analyse(model)
+    _free_memory()  # the load's and the capture's temporaries, before scoring stacks on them
     protect = parse_protect(config.protect, len(plan0.layers))
     target_removed = math.ceil(config.sparsity * plan0.decoder_params)
     if target_removed > plan0.prunable_params:  # e.g. OLMo-2, whose attention is kept whole
@@ -220,6 +249,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
                             f"'{traj_dir}': lower --sparsity or change the calibration data") from exc
+        _free_memory()
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
@@ -282,6 +312,21 @@ def _require_reachable(config: CompileConfig, plan0: GroupPlan, protect: frozens
                         "decoder sparsity: lower --sparsity or protect fewer layers")
 
 
+def _free_memory() -> None:
+    """Return the step's freed gradients and activations to the system: collect cycles, empty the CUDA cache,
+    and ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, traj, needed: int,
             protect: frozenset[int], step: int) -> Selection:
     """This step's removals: a uniform per-layer ratio, or the global ranking in groups of `groups_per_step`."""
@@ -325,7 +370,7 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
         if not isinstance(calib, LmCalibration):
             raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
         return wanda_sp_scores(model, plan, calib, progress)
-    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients")
+    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
 
 
 def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started) -> CompileResult:
@@ -355,12 +400,15 @@ def load_trajectory(run_dir: str):
     return Trajectory.load(run / TRAJECTORY_DIR)
 
 
-def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None):
+def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None, device: str = "cpu",
+                      dtype: str = "float32"):
     """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights."""
+    from gisp_fx.device import resolve
     from gisp_fx.loading import load_model
 
     removed = _removals_for(traj, sparsity, step)
-    loaded = loaded or load_model(traj.config["model"])
+    dev, dt = resolve(device, dtype)
+    loaded = loaded or load_model(traj.config["model"], dtype=dt, device=str(dev))
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
@@ -369,7 +417,7 @@ def materialize_model(traj, sparsity: float | None, *, step: int | None = None, 
 
 
 def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
-                overwrite: bool = False, loaded=None):
+                overwrite: bool = False, loaded=None, device: str = "cpu", dtype: str = "float32"):
     """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
     from gisp_fx.save import save_pruned, staged_dir
 
@@ -378,7 +426,8 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
     out = check_output_folder(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
-    loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded)
+    loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,
+                                               device=device, dtype=dtype)
     with staged_dir(out) as tmp:
         save_pruned(loaded.model, loaded.tokenizer, tmp)
     return loaded.model, plan, sparsity

@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
+
+import numpy as np
 
 PLAN_VERSION = 1
 
@@ -35,6 +39,45 @@ class Member:
     module: str
     axis: Axis
     index: tuple[tuple[int, ...], ...]
+
+    @cached_property
+    def sizes(self) -> np.ndarray:
+        """Indices per group, as int64 (computed once: plans of 7B models hold ~10^4 groups per member)."""
+        return np.fromiter(map(len, self.index), dtype=np.int64, count=len(self.index))
+
+    @cached_property
+    def grid(self) -> np.ndarray | None:
+        """The indices as an int64 [groups, width] array when every group has the same width, else None."""
+        sizes = self.sizes
+        if not len(sizes) or not (sizes == sizes[0]).all():
+            return None
+        flat = np.fromiter(chain.from_iterable(self.index), dtype=np.int64, count=int(sizes.sum()))
+        return flat.reshape(len(sizes), int(sizes[0]))
+
+    def remapped(self, groups, kept) -> "Member":
+        """This member restricted to `groups`, its indices renumbered to their positions in `kept` (the
+        linear's indices that stay); KeyError when a group holds an index that is not kept."""
+        kept = np.fromiter(kept, dtype=np.int64, count=len(kept))
+        groups = np.fromiter(groups, dtype=np.int64, count=len(groups))
+        grid = self.grid
+        if grid is not None:
+            old = grid[groups]
+        else:
+            old = np.fromiter(chain.from_iterable(self.index[g] for g in groups.tolist()), dtype=np.int64,
+                              count=int(self.sizes[groups].sum()))
+        position = np.full(max(kept.max(initial=-1), old.max(initial=-1)) + 1, -1, dtype=np.int64)
+        position[kept] = np.arange(len(kept))
+        new = position[old]
+        if (new < 0).any():
+            raise KeyError(int(old[new < 0][0]))
+        if grid is not None:  # zip builds the tuples at C speed; the new grid is kept for the next step
+            index = tuple(zip(*new.T.tolist())) if new.shape[1] else tuple(() for _ in groups)
+            out = Member(self.module, self.axis, index)
+            out.__dict__["grid"] = new
+            return out
+        vals, ends = new.tolist(), np.cumsum(self.sizes[groups]).tolist()
+        return Member(self.module, self.axis,
+                      tuple(tuple(vals[e - n : e]) for e, n in zip(ends, self.sizes[groups].tolist())))
 
     def to_json(self) -> dict:
         out = {"module": self.module, "axis": self.axis.name.lower(), "count": len(self.index)}
@@ -165,11 +208,16 @@ class GroupPlan:
     kept: tuple[tuple[str, str], ...] = field(default=())  # (linear module, why it is not prunable)
     version: int = PLAN_VERSION
 
+    @cached_property
+    def _linear_index(self) -> dict[str, LinearInfo]:
+        return {info.module: info for info in self.linears}
+
     def linear(self, module: str) -> LinearInfo:
-        for info in self.linears:
-            if info.module == module:
-                return info
-        raise KeyError(module)
+        return self._linear_index[module]
+
+    def unit_params(self, member: Member) -> int:
+        """Parameters per index of `member` (a row: in_features + bias; a column: out_features)."""
+        return self.linear(member.module).params(member.axis, 1)
 
     # -- parameter accounting -------------------------------------------------------------------------
     def member_params(self, member: Member, group: int) -> int:
@@ -247,5 +295,12 @@ class Selection:
 
     removed: tuple[GroupRef, ...]
 
+    @cached_property
+    def _by_layer(self) -> dict[tuple[int, Kind], set[int]]:
+        out: dict[tuple[int, Kind], set[int]] = {}
+        for g in self.removed:
+            out.setdefault((g.layer, g.kind), set()).add(g.index)
+        return out
+
     def of(self, layer: int, kind: Kind) -> set[int]:
-        return {g.index for g in self.removed if g.layer == layer and g.kind is kind}
+        return set(self._by_layer.get((layer, kind), ()))

@@ -44,6 +44,9 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
                        "before": before["ppl"], "after": after["ppl"]},
         "layers": layer_rows(plan0, plan), "steps": steps,
         "wall_s": wall_s, "peak_rss_mb": peak_rss_mb,
+        # the memory yardstick: peak resident memory over the original model's weights in fp32
+        "fp32_weight_mb": plan0.total_params * 4 / 2**20,
+        "peak_rss_over_fp32_weights": peak_rss_mb / (plan0.total_params * 4 / 2**20),
     }
     if traj.history:
         report["history"] = {"iterations": len(traj.history), "first_loss": traj.history[0]["loss"],
@@ -94,7 +97,7 @@ def _markdown(r: dict) -> str:
         f"Measured decoder-layer sparsity **{100 * s['measured']:.2f} %** (target {100 * s['target']:.1f} %; "
         f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
         f"{r['groups_per_step'] or 'all'} groups per step; wall time {r['wall_s']:.0f} s, "
-        f"peak memory {r['peak_rss_mb']:.0f} MB.", "",
+        f"peak memory {r['peak_rss_mb']:.0f} MB ({r['peak_rss_over_fp32_weights']:.1f} x the fp32 weights).", "",
         f"![kept per layer]({PNG})", "",
         *([f"Policy gradient: {r['history']['iterations']} iterations, sampled loss {r['history']['first_loss']:.3f} "
            f"-> {r['history']['last_loss']:.3f}, mean entropy of the keep-probabilities at the end "

@@ -113,5 +113,5 @@ def scores_table(plan: GroupPlan, alive: list[tuple[list[int], list[int]]], valu
 
 def dense_scores(plan: GroupPlan, table: torch.Tensor, kind: str) -> tuple[np.ndarray, ...]:
     """The inverse of scores_table for a step that scored every group of `plan` (a run's first step)."""
-    rows = table.numpy()
+    rows = table.cpu().numpy()
     return tuple(rows[i, :n] for i, n in enumerate(_group_counts(plan, kind)))

@@ -39,8 +39,8 @@ def magnitude_scores(model: nn.Module, plan: GroupPlan) -> Scores:
     with torch.no_grad():
         for info in plan.linears:
             w = model.get_submodule(info.module).weight.double() ** 2
-            per_axis[(info.module, Axis.ROWS)] = w.sum(1).numpy()
-            per_axis[(info.module, Axis.COLS)] = w.sum(0).numpy()
+            per_axis[(info.module, Axis.ROWS)] = w.sum(1).cpu().numpy()
+            per_axis[(info.module, Axis.COLS)] = w.sum(0).cpu().numpy()
     squares = _scores_from(plan, per_axis, float("nan"))
     return Scores(tuple(np.sqrt(h) for h in squares.heads), squares.kv,
                   tuple(np.sqrt(c) for c in squares.channels), squares.loss)

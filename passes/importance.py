@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
+from gisp_fx.passes.lm_loss import LOSS_CHUNK, check_head_, checkpointed, chunked_lm_loss
 from gisp_fx.plan import Axis, GroupPlan, Member
 
 
@@ -72,8 +73,6 @@ def _prunable_linears(model: nn.Module, plan: GroupPlan) -> dict[str, nn.Linear]
     return {name: model.get_submodule(name) for name in sorted(names)}
 
 
-def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids).loss
 
 
 def _option_losses(model: nn.Module, batch: list[McSequence], pad_id: int, device) -> torch.Tensor:
@@ -95,11 +94,12 @@ def _option_losses(model: nn.Module, batch: list[McSequence], pad_id: int, devic
 
 
 def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[str, tuple], float, int]:
-    """Sum of gradients of sum-over-batch losses over `work` [(closure -> (batch-mean loss, size))]."""
-    for lin in linears.values():
-        lin.weight.grad = None
-        if lin.bias is not None:
-            lin.bias.grad = None
+    """Sum of gradients of sum-over-batch losses over `work` [(closure -> (batch-mean loss, size))], in fp32
+    whatever the weights' dtype (a half-precision .grad is moved into an fp32 sum after every batch)."""
+    params = [p for lin in linears.values() for p in (lin.weight, lin.bias) if p is not None]
+    for p in params:
+        p.grad = None
+    sums = {id(p): None for p in params if p.dtype != torch.float32}
     total_loss, total_n = 0.0, 0
     for closure in tqdm(work, desc=desc, leave=False, disable=not progress, unit="batch"):
         loss, size = closure()
@@ -108,14 +108,33 @@ def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[s
         (loss * size).backward()
         total_loss += loss.item() * size
         total_n += size
-    grads = {name: (lin.weight.grad, lin.bias.grad if lin.bias is not None else None)
+        del loss
+        for p in params:
+            if id(p) in sums and p.grad is not None:
+                sums[id(p)] = p.grad.float() if sums[id(p)] is None else sums[id(p)].add_(p.grad)
+                p.grad = None
+
+    def total(p):
+        return sums[id(p)] if id(p) in sums else p.grad
+
+    grads = {name: (total(lin.weight), total(lin.bias) if lin.bias is not None else None)
              for name, lin in linears.items()}
     return grads, total_loss, total_n
 
 
 def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
-                      desc: str = "gradients") -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
-    """gbar per prunable linear (weight, bias): (1/N) sum_b (loss_b * size_b)'; margin: g_pos - g_neg."""
+                      desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False,
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
+    """gbar per prunable linear (weight, bias): (1/N) sum_b (loss_b * size_b)'; margin: g_pos - g_neg.
+
+    The LM objective's loss goes through the head in chunks of `loss_chunk` logits (0: the model's own loss on
+    full logits); `checkpoint` recomputes each decoder layer's activations in backward instead of keeping them.
+    """
+    with checkpointed(model, checkpoint):
+        return _average_gradients(model, plan, calib, progress, desc, loss_chunk)
+
+
+def _average_gradients(model, plan, calib, progress, desc, loss_chunk):
     linears = _prunable_linears(model, plan)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -129,10 +148,12 @@ def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, pro
             if lin.bias is not None:
                 lin.bias.requires_grad_(True)
         if isinstance(calib, LmCalibration):
-            ids = calib.input_ids
-            work = [(lambda b=ids[i : i + calib.batch_size].to(device): (_lm_loss(model, b), len(b)))
+            ids = _my_share(calib.input_ids)
+            if loss_chunk > 0:
+                check_head_(model, ids.to(device))
+            work = [(lambda b=ids[i : i + calib.batch_size].to(device): (chunked_lm_loss(model, b, loss_chunk), len(b)))
                     for i in range(0, len(ids), calib.batch_size)]
-            grads, loss, n = _accumulate(model, linears, work, desc, progress)
+            grads, loss, n = _all_reduced(*_accumulate(model, linears, work, desc, progress))
             return _scaled(grads, 1.0 / n), loss / n
         if isinstance(calib, CustomCalibration):
             work = [(lambda b=b, s=s: (calib.loss_fn(model, b), s)) for b, s in zip(calib.batches, calib.sizes)]
@@ -162,8 +183,47 @@ def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, pro
         model.train(was_training)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group this process is in; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _my_share(ids: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows (all of them in one process)."""
+    rank, world = _world()
+    if world == 1:
+        return ids
+    if len(ids) < world:
+        raise GispError(f"--nproc: {world} processes but only {len(ids)} calibration windows; every process needs "
+                        "at least one (raise --calib-samples or use fewer processes)")
+    return torch.tensor_split(ids, world)[rank]
+
+
+def _all_reduced(grads, total_loss: float, total_n: int):
+    """Every rank's gradient sums, loss sum and window count added up (each sum is already weighted by its
+    windows), so that every rank divides the same totals and selects the same groups."""
+    rank, world = _world()
+    if world == 1:
+        return grads, total_loss, total_n
+    import torch.distributed as dist
+
+    for w, b in grads.values():
+        for t in (w, b):
+            if t is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    totals = torch.tensor([total_loss, float(total_n)], dtype=torch.float64,
+                          device=next(iter(grads.values()))[0].device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return grads, totals[0].item(), int(round(totals[1].item()))
+
+
 def _scaled(grads, factor):
-    return {k: (w * factor, None if b is None else b * factor) for k, (w, b) in grads.items()}
+    """The sums times `factor`, in place (the sums are this call's own: no second copy of every gradient)."""
+    return {k: (w.mul_(factor), None if b is None else b.mul_(factor)) for k, (w, b) in grads.items()}
 
 
 def _group_sums(member: Member, per_index: np.ndarray) -> np.ndarray:
@@ -212,9 +272,9 @@ def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float) 
 
 
 def score(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
-          desc: str = "gradients") -> Scores:
+          desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False) -> Scores:
     """Importance of every group of `plan` on `model` for the calibration objective."""
-    grads, loss = average_gradients(model, plan, calib, progress, desc)
+    grads, loss = average_gradients(model, plan, calib, progress, desc, loss_chunk=loss_chunk, checkpoint=checkpoint)
     if not math.isfinite(loss):
         raise FloatingPointError(f"calibration loss is {loss}")
     return score_from_gradients(model, plan, grads, loss)

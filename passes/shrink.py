@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,8 +31,7 @@ class Rewrite:
 
 
 def _remap(member: Member, groups: list[int], kept: tuple[int, ...]) -> Member:
-    position = {old: new for new, old in enumerate(kept)}
-    return Member(member.module, member.axis, tuple(tuple(position[i] for i in member.index[g]) for g in groups))
+    return member.remapped(groups, kept)
 
 
 def restrict(plan: GroupPlan, selection: Selection) -> Rewrite:
@@ -70,7 +70,9 @@ def restrict(plan: GroupPlan, selection: Selection) -> Rewrite:
     for (module, axis), gone in removed_idx.items():
         info = plan.linear(module)
         size = info.out_features if axis is Axis.ROWS else info.in_features
-        keep[(module, axis)] = tuple(i for i in range(size) if i not in gone)
+        stays = np.ones(size, dtype=bool)
+        stays[np.fromiter(gone, np.int64, len(gone))] = False
+        keep[(module, axis)] = tuple(np.flatnonzero(stays).tolist())
 
     new_layers = []
     for layer, heads_out, channels_out, freed in layers:
@@ -149,7 +151,8 @@ def shrink_(model: nn.Module, plan: GroupPlan, selection: Selection) -> GroupPla
         out = model.get_submodule(out_name) if out_name else None
         bias = out.bias.detach().clone() if out is not None and out.bias is not None else None
         hidden = plan.hidden_size
-        new = EmptyBlock(hidden, bias is not None, kind == "attention", block).to(next(block.parameters()).device)
+        like = next(block.parameters())  # the stub's bias takes the model's device and dtype (bf16 stays bf16)
+        new = EmptyBlock(hidden, bias is not None, kind == "attention", block).to(device=like.device, dtype=like.dtype)
         if bias is not None:
             new.out_bias.data.copy_(bias)
         _set_module(model, name, new)

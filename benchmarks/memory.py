@@ -1,0 +1,100 @@
+"""Peak resident memory of one GISP scoring pass (the default compile's 64 windows x 128 tokens, batches of 8),
+over the model's fp32 weight bytes: full-vocabulary logits (the model's own loss) against the chunked LM-head
+loss, with and without activation checkpointing. Each configuration runs in a fresh process (ru_maxrss is a
+high-water mark), on the bundled SmolLM2-135M and on a random 274M-parameter Gemma-3-shaped model with a
+262,144-token vocabulary (built in-process: no download).
+
+    python benchmarks/memory.py [--models smollm2,vocab262k] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+MODES = {"full-logits": dict(loss_chunk=0), "chunked": {}, "chunked+checkpoint": dict(checkpoint=True)}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(name: str, windows: int):
+    import torch
+
+    if name == "smollm2":
+        from gisp_fx.datasets import lm_windows, wikitext2_train_text
+        from gisp_fx.loading import load_model
+
+        loaded = load_model("smollm2")
+        ids = lm_windows(loaded.tokenizer, wikitext2_train_text(), windows, 128, 0, "WikiText-2 train")
+        return loaded.model, ids
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=256, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (windows, 128), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def run_one(name: str, mode: str, windows: int) -> dict:
+    """In this process: build, capture, score once; the peak RSS of each phase."""
+    from gisp_fx.passes.importance import LmCalibration, score
+    from gisp_fx.pipeline import _free_memory, analyse
+
+    model, ids = build(name, windows)
+    weights = sum(p.numel() for p in model.parameters())
+    loaded_mb = _rss_mb()
+    plan = analyse(model)
+    _free_memory()  # as compile_model does after its capture
+    analysed_mb = _rss_mb()
+    t0 = time.perf_counter()
+    scores = score(model, plan, LmCalibration(ids, 8), progress=False, **MODES[mode])
+    wall = time.perf_counter() - t0
+    peak = _rss_mb()
+    fp32_mb = weights * 4 / 2**20
+    return {"model": name, "mode": mode, "windows": windows, "params": weights, "fp32_weight_mb": fp32_mb, "rss_after_load_mb": loaded_mb,
+            "rss_after_capture_mb": analysed_mb, "peak_rss_mb": peak, "ratio": peak / fp32_mb, "score_s": wall,
+            "loss": scores.loss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,vocab262k")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--windows", type=int, default=64,
+                    help="calibration windows of 128 tokens (default 64, as compile; the peak is reached in the first "
+                         "batches of 8, so 16 measures the same peak in a quarter of the time)")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.windows)))
+        return
+    rows = []
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            out = subprocess.run([sys.executable, __file__, "--one", name, mode, "--windows", str(args.windows)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{name} / {mode} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{name:10s} {mode:20s} weights {row['fp32_weight_mb']:7.0f} MB  peak {row['peak_rss_mb']:7.0f} MB"
+                  f"  ratio {row['ratio']:5.2f}  (load {row['rss_after_load_mb']:.0f}, capture "
+                  f"{row['rss_after_capture_mb']:.0f})  score {row['score_s']:.0f} s  loss {row['loss']:.4f}",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

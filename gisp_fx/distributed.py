@@ -1,0 +1,57 @@
+"""Many processes: join the torchrun group (gloo on CPU, NCCL on CUDA), and launch torchrun for `--nproc N`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from gisp_fx.errors import GispError
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) torchrun gave this process; (0, 1) when it was not launched by torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun set up (once); returns rank, world size and this rank's device: 'cuda'
+    becomes cuda:LOCAL_RANK. Ranks other than 0 print nothing (their stdout goes to /dev/null)."""
+    rank, world = world_from_env()
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
+    return rank, world, device
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run `gisp-fx <argv>` in `nproc` processes under torchrun (one machine) and wait; a failed rank is a
+    GispError after torchrun has stopped the others."""
+    if nproc < 1:
+        raise GispError(f"--nproc must be at least 1, got {nproc}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "gisp_fx", *argv]
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise GispError(f"--nproc {nproc}: a process exited with status {code} (its error is printed above); "
+                        "torchrun stopped the others and no --output was written")
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """argv without its --nproc flag (the workers must not launch again)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

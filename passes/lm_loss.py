@@ -1,0 +1,147 @@
+"""(causal LM, token windows) -> mean next-token loss, computed through the LM head in sequence chunks.
+
+`model(input_ids, labels=ids).loss` keeps the fp32 logits of the whole batch ([B, L, vocab]: 1 GB for 8 x 128
+tokens of a 262k vocabulary) and their softmax for backward. Here the decoder runs once; the head, the logit
+post-processing (Gemma's soft-capping, Cohere's and Granite's scales) and the cross-entropy run one chunk of
+positions at a time, each chunk's gradient with respect to the hidden states taken at once and the chunk's
+logits dropped; backward only multiplies that stored gradient (the size of the hidden states) by the upstream one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gisp_fx.errors import GispError
+
+LOSS_CHUNK = 2**24  # logit elements per head chunk (64 MB in fp32): 341 positions of a 49k vocabulary, 64 of 262k
+IGNORE = -100
+
+
+def head_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits exactly as the model's own forward computes them after its decoder."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise GispError(f"loss: {type(model).__name__} has no output embeddings (LM head); gisp-fx prunes causal LMs")
+    cfg = model.config
+    mul = getattr(cfg, "logit_scale", None) if cfg.model_type == "cohere" else None
+    div = getattr(cfg, "logits_scaling", None) if cfg.model_type == "granite" else None
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        out = head(h)
+        if mul is not None:
+            out = out * mul
+        if div is not None:
+            out = out / div
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    return logits
+
+
+def check_head_(model: nn.Module, ids: torch.Tensor) -> None:
+    """The chunked path's logits equal the model's own on a short prefix, or a GispError: a family whose forward
+    does more between its decoder and its logits than `head_fn` knows must not be scored with a silently wrong loss."""
+    probe = ids[:1, : min(ids.shape[1], 16)]
+    with torch.no_grad():
+        ref = model(input_ids=probe, use_cache=False).logits.float()
+        got = head_fn(model)(model.base_model(input_ids=probe, use_cache=False).last_hidden_state).float()
+    err = (ref - got).abs().max().item()
+    if not err <= 1e-3 * ref.abs().max().item() + 1e-5:
+        raise GispError(f"loss: {type(model).__name__}'s logits are not its LM head applied to its decoder's output "
+                        f"(max difference {err:.3g}); the chunked loss does not know this family, please report it")
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Sum of token cross-entropies through `fn` in chunks; gradients taken chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, fn, chunk, *params):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets = labels.reshape(-1)
+        need = [p for p in params if p.requires_grad]
+        grad_h = torch.zeros_like(flat) if hidden.requires_grad else None
+        grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in need]
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s in range(0, flat.shape[0], chunk):
+            with torch.enable_grad():
+                h = flat[s : s + chunk].detach().requires_grad_(grad_h is not None)
+                loss = nn.functional.cross_entropy(fn(h).float(), targets[s : s + chunk], ignore_index=IGNORE,
+                                                   reduction="sum")
+                wrt = ([h] if grad_h is not None else []) + need
+                grads = torch.autograd.grad(loss, wrt) if wrt else ()
+            total += loss.detach().double()
+            if grad_h is not None:
+                grad_h[s : s + chunk] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip(grad_p, grads):
+                acc += g.float()
+        ctx.shape = hidden.shape
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.mask = [p.requires_grad for p in params]
+        ctx.save_for_backward(*([grad_h] if grad_h is not None else []), *grad_p)
+        ctx.has_h = grad_h is not None
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        grad_h = (next(saved) * grad_out).reshape(ctx.shape) if ctx.has_h else None
+        params = [(next(saved) * grad_out).to(dt) if need else None for need, dt in zip(ctx.mask, ctx.dtypes)]
+        return (grad_h, None, None, None, *params)
+
+
+def chunked_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean next-token cross-entropy of windows `ids` [B, L] (what `model(ids, labels=ids).loss` gives), with
+    the head's logits never held for more than `chunk` elements (positions x vocabulary) at a time.
+    `chunk` <= 0: the model's own loss, full logits and all."""
+    if chunk <= 0:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    labels = ids[:, 1:]
+    head = model.get_output_embeddings()
+    positions = max(1, chunk // head.weight.shape[0])
+    total = _ChunkedHeadLoss.apply(hidden, labels, head_fn(model), positions, *head.parameters())
+    return total / (labels != IGNORE).sum()
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module, enabled: bool = True):
+    """Activation checkpointing of every decoder layer for the duration: each layer's activations are
+    recomputed in backward instead of kept (about one more forward of compute; independent of train/eval mode,
+    unlike transformers' gradient_checkpointing_enable, which only acts in training mode)."""
+    layers = getattr(model.base_model, "layers", None) if enabled else None
+    if not enabled:
+        yield
+        return
+    if layers is None:
+        raise GispError(f"--checkpoint: {type(model).__name__} has no decoder `layers` list to checkpoint")
+    originals = [layer.forward for layer in layers]
+    try:
+        for layer, forward in zip(layers, originals):
+            layer.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(forward)
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's forward shows through again
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Next-token NLL [B, L-1] of windows `ids` (no gradient), the head's logits taken `chunk` elements at a time.
+    A model without a decoder/head split (the onnxruntime runner) is scored on its full logits."""
+    if chunk <= 0 or not isinstance(model, nn.Module) or model.get_output_embeddings() is None:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    fn = head_fn(model)
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    rows = max(1, chunk // model.get_output_embeddings().weight.shape[0])
+    out = torch.cat([nn.functional.cross_entropy(fn(flat[s : s + rows]).float(), targets[s : s + rows],
+                                                 reduction="none") for s in range(0, flat.shape[0], rows)])
+    return out.view(ids.shape[0], ids.shape[1] - 1)
