@@ -16,7 +16,7 @@ from gisp_fx.modeling_gisp import (
     configure_attention_,
     set_attention_impl_,
 )
-from gisp_fx.plan import AttentionBlock, Axis, GroupPlan, Kind, LayerPlan, LinearInfo, Member, MlpBlock, Selection
+from gisp_fx.plan import Axis, GroupPlan, Kind, LayerPlan, LinearInfo, Member, Selection
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer, tokens
+from conftest import tiny_model, tokens
 from gisp_fx.cli import main
-from gisp_fx.errors import GispError
-from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.loading import load_model
 from gisp_fx.passes.importance import LmCalibration
-from gisp_fx.passes.pg import Budget, PgConfig, Units, build_units, make_budget, optimise, project
+from gisp_fx.passes.pg import Budget, PgConfig, build_units, make_budget, optimise, project
 from gisp_fx.pipeline import analyse, compile_model, materialize
 from gisp_fx.trajectory import Trajectory
 from test_compile import PROBE, _config, _loaded

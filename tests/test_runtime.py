@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model, tiny_tokenizer, tokens
-from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.loading import load_model
 from gisp_fx.modeling_gisp import RUNTIME_VERSION, even_groups
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.pipeline import analyse
