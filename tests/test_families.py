@@ -17,7 +17,7 @@ from gisp_fx.pipeline import analyse
 from gisp_fx.plan import Kind, Selection
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.save import save_pruned
-from test_rewrite import SELECTION, UNEVEN, mask_, padded_batch
+from test_rewrite import SELECTION, UNEVEN, mask_, padded_batch, pruned_vs_masked
 
 # family -> (query heads, K/V heads, head dim) per layer, or None where the attention is kept whole; MLP channels
 EXPECT = {
@@ -92,15 +92,8 @@ CASES = [(f, s) for f in FAMILIES for s in ("removals", "uneven") if f in HEADS 
 def test_family_pruned_equals_masked(family, which):
     selection = _selection_for(family, SELECTION if which == "removals" else UNEVEN)
     model = tiny_model(family)
-    plan = analyse(model)
-    ids, mask = padded_batch()
-    mask_(model, plan, selection)
-    with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=mask).logits
-    new_plan = shrink_(model, plan, selection)
-    with torch.no_grad():
-        pruned = model(input_ids=ids, attention_mask=mask).logits
-    assert (pruned - masked)[mask.bool()].abs().max() <= 1e-5
+    plan, new_plan, diff = pruned_vs_masked(model, selection)
+    assert diff <= 1e-5
     assert analyse(model) == new_plan  # the re-capture is the verifier
     assert sum(p.numel() for p in model.parameters()) == new_plan.total_params < plan.total_params
 

@@ -17,7 +17,7 @@ from gisp_fx.passes.shrink import shrink_
 from gisp_fx.pipeline import analyse
 from gisp_fx.plan import GroupRef, Kind, Selection
 from gisp_fx.save import save_pruned, saved_runtime_version
-from test_rewrite import UNEVEN, mask_, padded_batch
+from test_rewrite import UNEVEN, pruned_vs_masked
 
 H = Kind.HEAD
 
@@ -49,19 +49,13 @@ EVEN = Selection(tuple(GroupRef(i, H, h) for i in range(3) for h in (0, 1)))  # 
                                                             ("llama-gqa", UNEVEN, 0, None), ("llama-gqa", UNEVEN, 1, 1)])
 def test_even_groups_use_the_models_broadcast_and_uneven_ones_gather(arch, selection, layer, groups):
     model = tiny_model(arch)
-    plan = analyse(model)
-    ids, mask = padded_batch()
-    mask_(model, plan, selection)
-    with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=mask).logits
-    shrink_(model, plan, selection)
+    _, _, diff = pruned_vs_masked(model, selection)
     attn = model.model.layers[layer].self_attn
     if groups is None:
         assert attn.gisp_kv_map is not None and attn.num_key_value_groups == 1
     else:
         assert attn.gisp_kv_map is None and attn.num_key_value_groups == groups
-    with torch.no_grad():
-        assert (model(input_ids=ids, attention_mask=mask).logits - masked)[mask.bool()].abs().max() <= 1e-5
+    assert diff <= 1e-5
 
 
 def test_even_groups_rule():
