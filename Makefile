@@ -33,14 +33,19 @@ $(STAMP457): pyproject.toml
 
 setup: $(STAMP) $(STAMP457)
 
-# both transformers lines: the full suite on 5.x, the fast suite (with the optimum tests) on 4.57
+# both transformers lines: the full suite on 5.x; on 4.57 (where optimum-onnx runs) the files whose code depends on
+# the transformers line: loading and saving, the runtime copied into pruned folders, the families' model internals,
+# the head loss, and the exporters. Selection, scoring, pg, windows and the benchmarks' logic run once, on 5.x.
+TF457_TESTS := tests/test_cross_line.py tests/test_optimum.py tests/test_loading.py tests/test_runtime.py \
+	tests/test_rewrite.py tests/test_families.py tests/test_lm_loss.py tests/test_export.py tests/test_fused.py \
+	tests/test_errors.py
 test: test-tf5 test-tf457
 
 test-tf5: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-tf457: $(STAMP457)
-	$(BIN457)/python -m pytest -q -m "not slow"
+	$(BIN457)/python -m pytest -q -m "not slow" $(TF457_TESTS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
