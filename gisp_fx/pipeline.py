@@ -312,6 +312,18 @@ def _require_reachable(config: CompileConfig, plan0: GroupPlan, protect: frozens
                         "decoder sparsity: lower --sparsity or protect fewer layers")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: /proc's VmHWM where there is one (it belongs to this process's own
+    memory map; ru_maxrss would carry over the peak of a large parent through fork and exec), else ru_maxrss."""
+    import re
+
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 def _free_memory() -> None:
     """Return the step's freed gradients and activations to the system: collect cycles, empty the CUDA cache,
     and ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
@@ -382,7 +394,7 @@ def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial,
     report = write_report(partial, config, plan0, plan, traj, before,
                           {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len, "bos": after.bos},
                           wall_s=time.perf_counter() - started,
-                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                          peak_rss_mb=peak_rss_mb())
     if final.exists():
         shutil.rmtree(final)
     partial.replace(final)
