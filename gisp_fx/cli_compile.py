@@ -91,7 +91,8 @@ def _eval(args: argparse.Namespace) -> None:
     import json
 
     from gisp_fx.loading import LoadedModel, load_model
-    from gisp_fx.tasks import check_eval_settings, check_tasks, evaluate, format_results
+    from gisp_fx.evaluate import check_eval_settings
+    from gisp_fx.tasks import check_tasks, evaluate, format_results
 
     tasks = check_tasks([t for t in args.tasks.split(",") if t])
     if args.limit is not None and args.limit <= 0:

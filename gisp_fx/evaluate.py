@@ -39,14 +39,19 @@ def evenly_spaced(total: int, count: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
 
 
+def check_eval_settings(seq_len: int, batch_size: int) -> None:
+    """Window length and batch size of an evaluation: a next-token loss needs 2 tokens, a batch 1 sequence."""
+    if seq_len < 2:
+        raise GispError(f"--seq-len must be at least 2 tokens (one to predict from, one to predict), got {seq_len}")
+    if batch_size < 1:
+        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | None = None, batch_size: int = 16,
                          progress: bool = True, desc: str = "wikitext2 ppl", bos: str = "auto") -> Perplexity:
     """exp(mean over windows of the mean next-token NLL): the protocol of the GISP / Wanda / SparseGPT papers, with
     every window starting with BOS where the tokenizer adds one (`bos`: see datasets.window_bos)."""
-    if seq_len < 2:
-        raise GispError(f"--seq-len must be at least 2 tokens for perplexity, got {seq_len}")
-    if batch_size < 1:
-        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
+    check_eval_settings(seq_len, batch_size)
     start = window_bos(tokenizer, bos)
     all_windows = window_ids(tokenizer, seq_len, start)
     pick = evenly_spaced(len(all_windows), windows)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from gisp_fx.datasets import MC_TASKS, McItem, data_file
 from gisp_fx.errors import GispError
+from gisp_fx.evaluate import check_eval_settings
 
 # task -> bundled evaluation split (lm-eval evaluates these: ARC/OpenBookQA test, the others validation)
 EVAL_SPLITS = {
@@ -177,14 +178,6 @@ def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0,
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n\nQuestion:")[0]
         hits += extract_number(text) == rows[i]["final_answer"]
     return TaskResult("gsm8k", "exact_match", hits / len(pick), len(pick), {})
-
-
-def check_eval_settings(seq_len: int, batch_size: int) -> None:
-    """Window length and batch size of an evaluation: a next-token loss needs 2 tokens, a batch 1 sequence."""
-    if seq_len < 2:
-        raise GispError(f"--seq-len must be at least 2 tokens (one to predict from, one to predict), got {seq_len}")
-    if batch_size < 1:
-        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, seq_len: int = 128,
