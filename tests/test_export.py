@@ -26,6 +26,18 @@ def _pruned(arch="llama-gqa", selection=SELECTION):
     return model
 
 
+def assert_runner_matches_torch(runner, model, new_tokens: int) -> None:
+    """On a left-padded batch: the runner's logits equal torch's (< 1e-4 where not padded), and its greedy tokens
+    equal torch `generate`'s."""
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    got = runner(ids, attention_mask=mask).logits
+    assert (got - expected)[mask.bool()].abs().max() < 1e-4
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=0), greedy)
+
+
 def _batch():
     ids = tokens(2, 9, seed=5)
     mask = torch.ones_like(ids)
@@ -44,13 +56,7 @@ def test_export_parity_and_greedy_equal_torch(arch, pruned, tmp_path):
     runner = OrtCausalLM(tmp_path / "onnx")
     if pruned:  # SELECTION removes every head of layer 1 (no cache there) and leaves one K/V head in layer 0
         assert [(s.layer, s.heads) for s in runner.past] == [(0, 1), (2, 2)]
-    ids, mask = _batch()
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    got = runner(ids, attention_mask=mask).logits
-    assert (got - expected)[mask.bool()].abs().max() < 1e-4
-    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0), greedy)
+    assert_runner_matches_torch(runner, model, new_tokens=12)
 
 
 def test_uneven_kv_groups_export(tmp_path):

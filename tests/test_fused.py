@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer, tokens
+from conftest import tiny_model, tiny_tokenizer
 from gisp_fx.errors import GispError
 from gisp_fx.exporters.fused import even_groups
 from gisp_fx.exporters.int4 import BLOCK, dequantize, pack, quantize_blocks
@@ -18,6 +18,7 @@ from gisp_fx.exporters.ort import OrtCausalLM
 from gisp_fx.loading import LoadedModel
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.pipeline import analyse
+from test_export import _batch, assert_runner_matches_torch
 from test_rewrite import SELECTION, UNEVEN
 
 
@@ -26,13 +27,6 @@ def _model(selection=None, arch="llama-gqa"):
     if selection is not None:
         shrink_(model, analyse(model), selection)
     return model
-
-
-def _batch():
-    ids = tokens(2, 9, seed=5)
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0  # left padding on the first row
-    return ids, mask
 
 
 @pytest.mark.parametrize("selection,gqa", [(None, "pad"), (SELECTION, "pad"), (UNEVEN, "pad"), (UNEVEN, "dup")],
@@ -54,13 +48,7 @@ def test_fused_parity_and_greedy_equal_torch(selection, gqa, tmp_path):
     if selection is UNEVEN and gqa == "pad":  # the group of 1 gets a zero query head; the cache is the model's
         assert meta["fused"]["query_order"]["0"] == [0, -1, 1, 2] and meta["fused"]["zero_query_heads"] == 1
         assert meta["fused"]["cache_bytes_per_token"] == meta["fused"]["model_cache_bytes_per_token"]
-    ids, mask = _batch()
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    got = runner(ids, attention_mask=mask).logits
-    assert (got - expected)[mask.bool()].abs().max() < 1e-4
-    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0), greedy)
+    assert_runner_matches_torch(runner, model, new_tokens=10)
 
 
 def test_qwen2_biases_fused(tmp_path):
