@@ -6,8 +6,14 @@
 Every method compiles once, to the highest sparsity, and serves the lower ones from its run (`materialize`):
 globally ranked methods (gisp, oneshot, magnitude, random, gisp-margin) by a prefix of their removal order, uniform
 per-layer methods (wanda-sp, taylor-local) by re-selecting from their recorded dense scores, which gives exactly
-the model a compile to the lower target gives (tests/test_compile.py). Every row is evaluated on the same seeded
-subsets: `--limit` questions per QA task, `--windows` WikiText-2 windows.
+the model a compile to the lower target gives (tests/test_compile.py). `pg` learns for one target, so it compiles
+once per sparsity of `--pg-sparsities` and per iteration budget of `--pg-iters` (each a row). Every row is evaluated
+on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiText-2 windows.
+
+    python benchmarks/quality.py --append --methods pg --pg-iters 200 --sparsities 0.5   # add rows to the table
+
+`--append` keeps the rows of the existing quality.json that this invocation does not measure (and its dense row,
+after checking that it was measured on the same subsets).
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
 MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
 
 
-def _config(method: str, model: str, sparsity: float, out: Path, args) -> CompileConfig:
+def _config(method: str, model: str, sparsity: float, out: Path, args, pg_iters: int | None = None
+            ) -> CompileConfig:
     margin = method == "gisp-margin"
     base = "gisp" if margin else method
     extra = {"steps": args.steps} if base == "gisp" else {}  # the settings a method ignores are refused
+    if base == "pg":
+        extra["pg_iters"] = pg_iters
     if base not in CALIBRATION_FREE:
         extra["calib_samples"] = args.calib_samples
     return CompileConfig(model=model, sparsity=sparsity, output=str(out), method=base,
@@ -42,11 +51,35 @@ def _fresh(original: LoadedModel) -> LoadedModel:
     return LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source)
 
 
+def _key(row: dict) -> tuple:
+    return row["method"], row.get("pg_iters"), row["target"]
+
+
+def _label(row: dict) -> str:
+    return f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") else row["method"]
+
+
+def _previous(args) -> list[dict]:
+    """The rows of the existing table that --append keeps; refuses a table measured on other subsets."""
+    path = Path(args.output) / "quality.json"
+    if not args.append or not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    mine = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed}
+    theirs = {k: doc.get(k) for k in mine}
+    if theirs != mine:
+        raise SystemExit(f"--append: {path} was measured with {theirs}, this run with {mine}; pass the same "
+                         "--model/--limit/--windows/--seed or a new --output")
+    return doc["rows"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--methods", default="gisp,oneshot,wanda-sp,magnitude,taylor-local,random,gisp-margin")
+    ap.add_argument("--methods", default="gisp,oneshot,wanda-sp,magnitude,taylor-local,random,gisp-margin,pg")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
+    ap.add_argument("--pg-sparsities", default="0.3,0.5", help="the sparsities pg compiles to (one run each)")
+    ap.add_argument("--pg-iters", default="100", help="pg iteration budgets, comma-separated (one run each)")
     ap.add_argument("--limit", type=int, default=40, help="questions per QA task (seeded subset)")
     ap.add_argument("--windows", type=int, default=128, help="WikiText-2 test windows (evenly spaced)")
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -54,37 +87,58 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="runs/quality", help="where the compiled runs go (reused if complete)")
     ap.add_argument("--output", default="benchmarks/results/quality")
+    ap.add_argument("--append", action="store_true", help="keep the existing table's other rows (see above)")
     args = ap.parse_args()
 
     methods = args.methods.split(",")
     sparsities = sorted(float(x) for x in args.sparsities.split(","))
     tasks = ["wikitext2", *MC_EVAL_TASKS]
+    previous = _previous(args)
     original = load_model(args.model)
     started = time.perf_counter()
 
-    def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float) -> dict:
+    def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float, **extra) -> dict:
         t0 = time.perf_counter()
         results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, windows=args.windows)
-        row = {"method": method, "target": target, "sparsity": sparsity,
+        row = {"method": method, "target": target, "sparsity": sparsity, **extra,
                "params": sum(p.numel() for p in loaded.model.parameters()),
                **{r.task: r.value for r in results}, "eval_s": time.perf_counter() - t0}
         print(f"{label}: ppl {row['wikitext2']:.2f}, cmqa {100 * row['cmqa']:.2f} %", flush=True)
         return row
 
-    rows = [measure("dense", "dense", 0.0, original, 0.0)]
+    dense = [r for r in previous if r["method"] == "dense"]
+    rows = dense or [measure("dense", "dense", 0.0, original, 0.0)]
     runs = Path(args.runs)
-    target = max(sparsities)
+    fresh: list[dict] = []
+
+    def add(row: dict) -> None:
+        fresh.append(row)
+        kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]
+        write(rows + kept + fresh, args, time.perf_counter() - started, final=False)  # a long run leaves what it has
+
     for method in methods:
-        out = runs / f"{method}-{round(100 * target)}"
+        if method == "pg":  # learns for one target: a run per sparsity and budget
+            for iters in (int(x) for x in args.pg_iters.split(",")):
+                for s in sorted(float(x) for x in args.pg_sparsities.split(",")):
+                    out = runs / f"pg-i{iters}-{round(100 * s)}"
+                    if not (out / "report.json").is_file():
+                        compile_model(_config(method, args.model, s, out, args, iters), overwrite=True,
+                                      discard_partial=True, loaded=_fresh(original))
+                    report = json.loads((out / "report.json").read_text())
+                    loaded, _, measured = materialize_model(load_trajectory(str(out)), s, loaded=_fresh(original))
+                    add(measure(f"pg {100 * s:.0f} % ({iters} it)", method, s, loaded, measured, pg_iters=iters,
+                                compile_s=report["wall_s"]))
+            continue
+        out = runs / f"{method}-{round(100 * max(sparsities))}"
         if not (out / "report.json").is_file():
-            compile_model(_config(method, args.model, target, out, args), overwrite=True, discard_partial=True,
-                          loaded=_fresh(original))
+            compile_model(_config(method, args.model, max(sparsities), out, args), overwrite=True,
+                          discard_partial=True, loaded=_fresh(original))
         traj = load_trajectory(str(out))
         for s in sparsities:
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))
-            rows.append(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured))
-            write(rows, args, time.perf_counter() - started, final=False)  # a long run leaves what it has
-    write(rows, args, time.perf_counter() - started)
+            add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured))
+    kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]
+    write(rows + kept + fresh, args, time.perf_counter() - started)
 
 
 def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
@@ -102,7 +156,7 @@ def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
              f"`python benchmarks/quality.py --limit {args.limit} --windows {args.windows}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
-        cells = [r["method"], f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
+        cells = [_label(r), f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
                  f"{100 * r['cmqa']:.1f}", *(f"{100 * r[t]:.1f}" for t in MC_EVAL_TASKS)]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
@@ -119,8 +173,8 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
 
     dense = next(r for r in rows if r["method"] == "dense")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted([(0.0, dense)] + [(r["sparsity"], r) for r in rows if r["method"] == method],
+    for method in dict.fromkeys(_label(r) for r in rows if r["method"] != "dense"):
+        pts = sorted([(0.0, dense)] + [(r["sparsity"], r) for r in rows if _label(r) == method],
                      key=lambda p: p[0])
         xs = [100 * s for s, _ in pts]
         style = dict(marker="o", lw=2.2 if method.startswith("gisp") else 1.2, label=method)
