@@ -141,7 +141,13 @@ class OrtCausalLM:
         return outs[0].numpy(), present
 
     # the slice of the HF interface the evaluators use
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **_):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0,
+                 use_cache: bool | None = None, **unsupported):
+        """Logits of one uncached forward (`use_cache` is accepted and has nothing to turn off); any other keyword
+        is refused: a silently dropped `labels` or `past_key_values` would return something else."""
+        if unsupported:
+            raise GispError(f"OrtCausalLM: {', '.join(sorted(unsupported))} not supported; a call takes input_ids, "
+                            "attention_mask, position_ids and logits_to_keep (generate() decodes with the cache)")
         ids = _numpy(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else _numpy(attention_mask)
         positions = positions_from_mask(mask) if position_ids is None else _numpy(position_ids)

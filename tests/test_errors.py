@@ -191,6 +191,12 @@ def test_ort_generate_refuses_unsupported_arguments(tmp_path):
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                                   pad_token_id=0)
     assert torch.equal(out, expected)
+    # a plain call refuses what it would otherwise drop (labels would give no loss, a cache would be ignored)
+    with pytest.raises(GispError, match="labels, past_key_values not supported"):
+        runner(ids, labels=ids, past_key_values=None)
+    with torch.no_grad():
+        reference = model(ids).logits
+    assert torch.allclose(runner(ids, use_cache=False).logits, reference, atol=1e-4)
 
 
 # 7: --output naming an existing file ----------------------------------------------------------------------------
