@@ -11,11 +11,11 @@ import numpy as np
 
 from gisp_fx.errors import GispError
 from gisp_fx.passes.importance import Scores
-from gisp_fx.plan import GroupPlan, GroupRef, Kind, Selection
+from gisp_fx.plan import AttentionBlock, GroupPlan, GroupRef, Kind, Selection
 
 
 class Normalize(enum.Enum):
-    REFERENCE = "reference"  # head / (4 * head_dim * hidden), channel / (3 * intermediate), the reference's constants
+    REFERENCE = "reference"  # head / (4 * head_dim * hidden), channel / (vectors * intermediate): 3*I gated, 2*I fc1/fc2
     PARAMS = "params"  # each group / the parameters its removal frees
     NONE = "none"
 
@@ -130,6 +130,29 @@ class Ranking(Sequence):
         return freed
 
 
+def mlp_vectors(block) -> int:
+    """Weight vectors one channel spans (a row or column per member linear): 3 for a gated MLP (gate, up, down),
+    2 for fc1/fc2. The reference's channel constant 3*I is this count times I, written for Llama's gated MLP."""
+    return int(sum(m.sizes[0] for m in block.members)) if block.channels else 0
+
+
+def _denominators(plan: GroupPlan, block, first, normalize: Normalize, original: GroupPlan) -> np.ndarray | int:
+    """Spec §3 normalisation of one block's scores: the reference's per-block-type constant (heads 4*d*H,
+    channels vectors*I), each group's own parameters (params), or 1."""
+    if normalize is Normalize.NONE:
+        return 1
+    if isinstance(block, AttentionBlock):
+        if normalize is Normalize.REFERENCE:
+            return 4 * first.attention.head_dim * original.hidden_size
+        denom = _costs(plan, block.query, block.num_heads)
+        if block.mha:
+            denom = denom + _costs(plan, block.kv, block.num_kv_heads)[np.asarray(block.kv_of_head, dtype=np.int64)]
+        return denom
+    if normalize is Normalize.REFERENCE:
+        return mlp_vectors(first.mlp) * first.mlp.channels
+    return _costs(plan, block.members, block.channels)
+
+
 def rank(plan: GroupPlan, scores: Scores, normalize: Normalize, original: GroupPlan,
          protect: frozenset[int]) -> Ranking:
     """Every group of every unprotected layer, weakest first (ties broken by layer, kind, index)."""
@@ -138,31 +161,15 @@ def rank(plan: GroupPlan, scores: Scores, normalize: Normalize, original: GroupP
         if lp.index in protect:
             continue
         first = original.layers[lp.index]
-        a, mlp = lp.attention, lp.mlp
-        if a is not None:
-            if normalize is Normalize.REFERENCE:
-                denom = 4 * first.attention.head_dim * original.hidden_size
-            elif normalize is Normalize.PARAMS:
-                denom = _costs(plan, a.query, a.num_heads)
-                if a.mha:
-                    denom = denom + _costs(plan, a.kv, a.num_kv_heads)[np.asarray(a.kv_of_head, dtype=np.int64)]
-            else:
-                denom = 1
-            value.append(np.asarray(scores.heads[lp.index], dtype=np.float64) / denom)
-            head.append(np.ones(a.num_heads, dtype=bool))
-            index.append(np.arange(a.num_heads, dtype=np.int64))
-            layer.append(np.full(a.num_heads, lp.index, dtype=np.int64))
-        if mlp is not None:
-            if normalize is Normalize.REFERENCE:
-                denom = 3 * first.mlp.channels
-            elif normalize is Normalize.PARAMS:
-                denom = _costs(plan, mlp.members, mlp.channels)
-            else:
-                denom = 1
-            value.append(np.asarray(scores.channels[lp.index], dtype=np.float64) / denom)
-            head.append(np.zeros(mlp.channels, dtype=bool))
-            index.append(np.arange(mlp.channels, dtype=np.int64))
-            layer.append(np.full(mlp.channels, lp.index, dtype=np.int64))
+        for block, block_scores, is_head in ((lp.attention, scores.heads, True), (lp.mlp, scores.channels, False)):
+            if block is None:
+                continue
+            n = block.num_heads if is_head else block.channels
+            denom = _denominators(plan, block, first, normalize, original)
+            value.append(np.asarray(block_scores[lp.index], dtype=np.float64) / denom)
+            head.append(np.full(n, is_head, dtype=bool))
+            index.append(np.arange(n, dtype=np.int64))
+            layer.append(np.full(n, lp.index, dtype=np.int64))
     if not value:
         return Ranking.build(plan, [], [], [], [])
     value, layer, head, index = (np.concatenate(x) for x in (value, layer, head, index))

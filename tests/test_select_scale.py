@@ -43,7 +43,7 @@ def naive_rank(plan, scores, normalize, original, protect):
                 out.append((scores.heads[layer.index][h] / denom, GroupRef(layer.index, Kind.HEAD, h)))
         if mlp is not None:
             for c in range(mlp.channels):
-                denom = {Normalize.REFERENCE: 3 * first.mlp.channels, Normalize.PARAMS: plan.channel_params(mlp, c),
+                denom = {Normalize.REFERENCE: len(first.mlp.members) * first.mlp.channels, Normalize.PARAMS: plan.channel_params(mlp, c),
                          Normalize.NONE: 1}[normalize]
                 out.append((scores.channels[layer.index][c] / denom, GroupRef(layer.index, Kind.CHANNEL, c)))
     out.sort(key=lambda c: (c[0], c[1].layer, c[1].kind.value, c[1].index))
@@ -181,3 +181,25 @@ def test_selection_of_and_plan_linear_lookup():
     assert plan.linear("model.layers.3.mlp.down_proj").in_features == 40
     with pytest.raises(KeyError):
         plan.linear("model.layers.9.mlp.down_proj")
+
+
+@pytest.mark.parametrize("arch, vectors", [("llama-gqa", 3), ("opt", 2), ("gpt2", 2)])
+def test_reference_channel_constant_counts_the_mlp_linears(arch, vectors):
+    """Spec §3's 3*I is written for the gated MLP (gate, up, down); a two-linear MLP (fc1, fc2) spans 2 vectors per
+    channel, so its constant is 2*I: the rank of a channel equals its score over that constant."""
+    from conftest import tiny_model
+
+    from gisp_fx.passes.select import mlp_vectors
+    from gisp_fx.pipeline import analyse
+
+    plan = analyse(tiny_model(arch))
+    mlp = plan.layers[0].mlp
+    assert mlp_vectors(mlp) == vectors
+    rng = np.random.default_rng(0)
+    scores = Scores(tuple(rng.random(lp.attention.num_heads) for lp in plan.layers),
+                    tuple(np.zeros(0) for _ in plan.layers),
+                    tuple(rng.random(lp.mlp.channels) for lp in plan.layers), float("nan"))
+    ranked = rank(plan, scores, Normalize.REFERENCE, plan, frozenset())
+    ref = GroupRef(0, Kind.CHANNEL, 3)
+    value = next(c.value for c in (ranked[i] for i in range(len(ranked))) if c.ref == ref)
+    assert value == pytest.approx(scores.channels[0][3] / (vectors * mlp.channels), rel=1e-12)
