@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -59,18 +60,21 @@ def _label(row: dict) -> str:
     return f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") else row["method"]
 
 
-def _previous(args) -> list[dict]:
-    """The rows of the existing table that --append keeps; refuses a table measured on other subsets."""
+def _previous(args) -> tuple[list[dict], float]:
+    """The rows of the existing table that --append keeps and its wall time; refuses a table measured on other
+    subsets."""
     path = Path(args.output) / "quality.json"
     if not args.append or not path.is_file():
-        return []
+        return [], 0.0
     doc = json.loads(path.read_text())
     mine = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed}
     theirs = {k: doc.get(k) for k in mine}
     if theirs != mine:
         raise SystemExit(f"--append: {path} was measured with {theirs}, this run with {mine}; pass the same "
                          "--model/--limit/--windows/--seed or a new --output")
-    return doc["rows"]
+    first = [f"python benchmarks/quality.py --limit {doc['limit']} --windows {doc['windows']}"]  # before commands
+    args.commands = [*doc.get("commands", first), *args.commands]
+    return doc["rows"], float(doc["wall_s"])
 
 
 def main() -> None:
@@ -79,7 +83,8 @@ def main() -> None:
     ap.add_argument("--methods", default="gisp,oneshot,wanda-sp,magnitude,taylor-local,random,gisp-margin,pg")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--pg-sparsities", default="0.3,0.5", help="the sparsities pg compiles to (one run each)")
-    ap.add_argument("--pg-iters", default="100", help="pg iteration budgets, comma-separated (one run each)")
+    ap.add_argument("--pg-iters", default="30", help="pg iteration budgets, comma-separated (one run each; 100 "
+                    "iterations take about 6 minutes on SmolLM2 on 2 idle CPU cores)")
     ap.add_argument("--limit", type=int, default=40, help="questions per QA task (seeded subset)")
     ap.add_argument("--windows", type=int, default=128, help="WikiText-2 test windows (evenly spaced)")
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -89,13 +94,14 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/quality")
     ap.add_argument("--append", action="store_true", help="keep the existing table's other rows (see above)")
     args = ap.parse_args()
+    args.commands = ["python benchmarks/quality.py " + " ".join(sys.argv[1:])]
 
     methods = args.methods.split(",")
     sparsities = sorted(float(x) for x in args.sparsities.split(","))
     tasks = ["wikitext2", *MC_EVAL_TASKS]
-    previous = _previous(args)
+    previous, earlier_s = _previous(args)
     original = load_model(args.model)
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier_s  # an appended table's wall time is the sum of its invocations
 
     def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float, **extra) -> dict:
         t0 = time.perf_counter()
@@ -146,14 +152,14 @@ def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed,
            "calib_samples": args.calib_samples, "steps": args.steps, "wall_s": wall_s, "complete": final,
-           "rows": rows}
+           "commands": args.commands, "rows": rows}
     (out / "quality.json").write_text(json.dumps(doc, indent=1))
     head = ["method", "sparsity", "params", "wikitext2 ppl", "cmqa avg", *MC_EVAL_TASKS]
     lines = [f"# Quality on {args.model}", "",
              f"WikiText-2 test perplexity on {args.windows} evenly spaced 128-token windows; accuracy (acc_norm where "
              f"lm-eval reports it, else acc) on a seeded subset of {args.limit} questions per task (seed {args.seed}), "
-             f"the same subset for every row. Wall time {wall_s / 60:.0f} min. Command: "
-             f"`python benchmarks/quality.py --limit {args.limit} --windows {args.windows}`.", "",
+             f"the same subset for every row. Wall time {wall_s / 60:.0f} min. Commands: "
+             + "; ".join(f"`{c.strip()}`" for c in args.commands) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
         cells = [_label(r), f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
