@@ -159,7 +159,9 @@ def add_compile_commands(sub) -> None:
     _add_bos(p)
     pg = p.add_argument_group("--method pg (policy gradient; the reference ran 15,000 iterations on a GPU)")
     pg.add_argument("--pg-iters", type=int,
-                    help="iterations (default 100: about 6 minutes for SmolLM2 at batch 8 x 128 on 2 CPU cores)")
+                    help="iterations (default 100: about 6 minutes for SmolLM2 at batch 8 x 128 on 2 idle CPU "
+                         "cores); 0 selects by the initial probabilities projected onto the budget, the control "
+                         "that shows what the iterations add")
     pg.add_argument("--pg-samples", type=int, help="masks sampled per iteration, K >= 2 (default 2)")
     pg.add_argument("--pg-lr", type=float,
                     help="peak learning rate of the cosine schedule (default 0.05; the reference's 2e-3 suits "

@@ -41,8 +41,9 @@ class PgConfig:
     def validate(self) -> "PgConfig":
         if self.samples < 2:
             raise GispError(f"--pg-samples must be at least 2 (the estimator divides by K - 1), got {self.samples}")
-        if self.iters < 1:
-            raise GispError(f"--pg-iters must be at least 1, got {self.iters}")
+        if self.iters < 0:
+            raise GispError(f"--pg-iters must be at least 0 (0 selects by the initial probabilities: the control "
+                            f"that shows what the iterations add), got {self.iters}")
         if not self.lr > 0:
             raise GispError(f"--pg-lr must be positive, got {self.lr}")
         for name, value, allowed in (("--pg-init", self.init, ("sigmap", "const", "random")),

@@ -54,7 +54,7 @@ def test_projection_keeps_the_budget_exactly(kind):
 
 def _pg(tmp_path, name="pg", **kw):
     calib = LmCalibration(tokens(8, 16, seed=2), batch_size=4)
-    cfg = _config(tmp_path, name, method="pg", sparsity=0.4, pg_iters=6, **kw)
+    cfg = _config(tmp_path, name, method="pg", sparsity=0.4, **{"pg_iters": 6, **kw})
     return compile_model(cfg, calibration=calib, loaded=_loaded(), progress=False)
 
 
@@ -100,7 +100,7 @@ def test_pg_pruned_equals_masked(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--pg-samples", "1"], "--pg-samples must be at least 2"),
-    (["--pg-iters", "0"], "--pg-iters must be at least 1"),
+    (["--pg-iters", "-1"], "--pg-iters must be at least 0"),
     (["--objective", "margin", "--tasks", "arc_easy"], "--objective margin needs a gradient method"),
 ])
 def test_pg_bad_input(tiny_folder, tmp_path, capsys, flags, message):
@@ -145,3 +145,13 @@ def test_pg_peak_memory_is_below_gisp(tmp_path):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         growth[method] = int(done.stdout.split()[-1])
     assert growth["pg"] < 0.7 * growth["oneshot"], growth
+
+
+def test_zero_iterations_select_by_the_initialisation(tmp_path):
+    """--pg-iters 0 is the control for what the iterations add: it prunes by the initial (Wanda-sp sigmap)
+    probabilities projected onto the budget, which is what iterations with a vanishing learning rate keep."""
+    zero = _pg(tmp_path, "zero", pg_iters=0)
+    still = _pg(tmp_path, "still", pg_iters=3, pg_lr=1e-12)
+    removed = [Trajectory.load(r.output / "trajectory").steps[0].removed for r in (zero, still)]
+    assert removed[0] == removed[1] and len(removed[0]) > 0
+    assert "history" not in zero.report and 0.4 <= zero.report["sparsity"]["measured"] <= 0.41
