@@ -240,7 +240,8 @@ def main() -> None:
             print(f"{run.key}: running (memory budget {budget / 1024:.1f} GB) ...", flush=True)
             row = run_one(run, budget, logs / f"{run.key.replace('/', '_')}.log", _deadline(args.deadline))
             row["budget_mb"] = budget
-            rows = [r for r in rows if r["key"] != run.key] + [row]
+            # re-read first: another driver (e.g. small models run beside a large one) may have added rows
+            rows = [r for r in load_rows(args.json) if r["key"] != run.key] + [row]
             args.json.write_text(json.dumps(rows, indent=1))
             print(f"{run.key}: {row['status']}, {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} CPU s, tree peak "
                   f"{row['tree_peak_rss_mb']:.0f} MB" + (f" ({row['reason']})" if row["status"] != "ok" else ""),
