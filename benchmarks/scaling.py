@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LOCK = "/tmp/gisp-bigmem.lock"
+RUNS_DIR = ROOT / "runs" / "scaling"
 BUDGET = dict(sparsity=0.3, steps=2, calib_samples=32, seq_len=128, batch_size=8, eval_windows=32)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -116,7 +117,7 @@ def command(run: Run, output: Path) -> list[str]:
 
 def run_one(run: Run, budget_mb: float, log: Path, deadline: float | None = None, out_root: Path | None = None) -> dict:
     """Run one compile in its own process tree; the row of figures, or a row saying why it did not finish."""
-    output = (out_root or ROOT / "runs" / "scaling") / re.sub(r"[^A-Za-z0-9.-]+", "_", run.key)
+    output = (out_root or RUNS_DIR) / _folder(run.key)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -180,6 +181,34 @@ def run_one(run: Run, budget_mb: float, log: Path, deadline: float | None = None
             "steps": steps, "report_wall_s": report["wall_s"], "shape": _shape(output)}
 
 
+def removed(output: Path) -> set[tuple]:
+    """The (layer, kind, original index) groups a finished run removed, over all its steps."""
+    doc = json.loads((Path(output) / "trajectory" / "trajectory.json").read_text())
+    return {tuple(ref) for step in doc["steps"] for ref in step["removed"]}
+
+
+def agreement(row: dict, rows: list[dict]) -> dict:
+    """Removal-set agreement of `row` with every finished row of the same model whose run folder is still here:
+    shared groups over the union (Jaccard) and over each side."""
+    out = {}
+    if row.get("status") != "ok" or not (RUNS_DIR / _folder(row["key"]) / "trajectory").is_dir():
+        return row.get("agreement", {})
+    mine = removed(RUNS_DIR / _folder(row["key"]))
+    for other in rows:
+        if other["key"] == row["key"] or other.get("status") != "ok" or other["model"] != row["model"] \
+                or not (RUNS_DIR / _folder(other["key"]) / "trajectory").is_dir():
+            continue
+        theirs = removed(RUNS_DIR / _folder(other["key"]))
+        shared = len(mine & theirs)
+        out[other["key"]] = {"shared": shared, "this": len(mine), "other": len(theirs),
+                             "jaccard": shared / len(mine | theirs), "of_this": shared / len(mine)}
+    return out
+
+
+def _folder(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", key)
+
+
 def _cpu_at(timeline: list[tuple[float, float, float]], t: float) -> float:
     """Tree CPU seconds at time `t`, linearly interpolated between samples."""
     prev = (0.0, 0.0, 0.0)
@@ -241,11 +270,17 @@ def main() -> None:
             row = run_one(run, budget, logs / f"{run.key.replace('/', '_')}.log", _deadline(args.deadline))
             row["budget_mb"] = budget
             # re-read first: another driver (e.g. small models run beside a large one) may have added rows
-            rows = [r for r in load_rows(args.json) if r["key"] != run.key] + [row]
+            rows = [r for r in load_rows(args.json) if r["key"] != run.key]
+            rows.append(row)
             args.json.write_text(json.dumps(rows, indent=1))
             print(f"{run.key}: {row['status']}, {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} CPU s, tree peak "
                   f"{row['tree_peak_rss_mb']:.0f} MB" + (f" ({row['reason']})" if row["status"] != "ok" else ""),
                   flush=True)
+    rows = load_rows(args.json)
+    for row in rows:  # removal sets, compared while the run folders (runs/scaling, not committed) are here
+        row["agreement"] = agreement(row, rows)
+    if not args.report_only or any(r["agreement"] for r in rows):
+        args.json.write_text(json.dumps(rows, indent=1))
     from scaling_report import write_report
 
     write_report(rows, args.json.with_suffix(".md"), args.json.with_suffix(".png"))

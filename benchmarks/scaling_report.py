@@ -80,12 +80,25 @@ def table(rows: list[dict]) -> list[str]:
                        f"{done[0].get('cpu_s', float('nan')):.0f} | - | - | {r['tree_peak_rss_mb'] / 1024:.2f} GB when "
                        f"stopped | | {r['status']}: {r['reason']} | | {load} |")
             continue
-        s1, s2 = r["steps"][0], r["steps"][-1]
+        s1, s2 = r["steps"][0], r["steps"][min(1, len(r["steps"]) - 1)]
         rate = step_flops(r) / s1["cpu_s"] / 1e9 if s1["cpu_s"] else float("nan")
         out.append(f"{head} {r['budget']['calib_samples']} | {s1['wall_s']:.0f} | {s1['cpu_s']:.0f} | {s2['wall_s']:.0f} | {rate:.1f} | "
                    f"{r['tree_peak_rss_mb'] / 1024:.2f} GB | {r['ratio_tree']:.2f} | {r['ppl_before']:.2f} -> "
                    f"{r['ppl_after']:.2f} | {100 * r['sparsity']:.1f} % | {load} |")
     return out
+
+
+def agreement_lines(rows: list[dict]) -> list[str]:
+    """Removal sets of runs of one model with other settings (dtype, processes): shared groups."""
+    pairs = [(r["key"], k, a) for r in rows for k, a in (r.get("agreement") or {}).items()]
+    if not pairs:
+        return []
+    out = ["Removal sets of the same model under other settings (groups removed over all steps; shared / union):",
+           "", "| run | against | removed | shared | shared / union | shared / this run's |",
+           "|---|---|---:|---:|---:|---:|"]
+    out += [f"| {k} | {o} | {a['this']:,} (other {a['other']:,}) | {a['shared']:,} | {100 * a['jaccard']:.1f} % | "
+            f"{100 * a['of_this']:.1f} % |" for k, o, a in pairs]
+    return out + [""]
 
 
 def extrapolation(rows: list[dict]) -> list[str]:
@@ -198,7 +211,7 @@ def write_report(rows: list[dict], md: Path, png: Path) -> None:
              "0.25 s) are the fairer measure. Peak RSS is the largest sampled sum over the run's processes (both "
              "ranks for 2 processes). The Qwen2.5-Coder models are their Q4_K_M GGUF files dequantised (untied LM "
              "head), so their perplexity is that of the quantised checkpoint.", "",
-             *table(rows), "", "## Extrapolation to 7B and 70B", "", *extrapolation(rows), "", "![cost](scaling.png)", ""]
+             *table(rows), "", *agreement_lines(rows), "## Extrapolation to 7B and 70B", "", *extrapolation(rows), "", "![cost](scaling.png)", ""]
     md.write_text("\n".join(lines))
     if rows:
         plot(rows, png)

@@ -3,6 +3,7 @@ report's arithmetic (FLOPs, activation bytes, the 7B/70B extrapolation) on a row
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -72,3 +73,18 @@ def test_extrapolation_arithmetic(tmp_path):
     assert "= 8.8 s" in text
     # 70B memory: bf16 weights 2 x 68.977e9 = 138.0 GB; fp32 gradient sums 4 x 68.451e9 = 273.8 GB: not one GPU
     assert "| 138.0 GB | 273.8 GB |" in text and png.stat().st_size > 10_000
+
+
+def test_removal_agreement_between_runs_of_one_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(scaling, "RUNS_DIR", tmp_path)
+    sets = {"m/float32/1p": [[[1, "head", 0], [1, "channel", 5]], [[2, "channel", 7]]],
+            "m/bfloat16/1p": [[[1, "head", 0], [2, "channel", 7], [3, "channel", 1]]]}
+    for key, steps in sets.items():
+        folder = tmp_path / scaling._folder(key) / "trajectory"
+        folder.mkdir(parents=True)
+        (folder / "trajectory.json").write_text(json.dumps({"steps": [{"removed": s} for s in steps]}))
+    rows = [{"key": k, "model": "m", "status": "ok"} for k in sets] + [
+        {"key": "m/float32/2p", "model": "m", "status": "does not fit"}]
+    got = scaling.agreement(rows[1], rows)
+    assert got == {"m/float32/1p": {"shared": 2, "this": 3, "other": 3, "jaccard": 0.5, "of_this": 2 / 3}}
+    assert scaling.agreement(rows[2], rows) == {}
