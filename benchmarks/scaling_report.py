@@ -105,22 +105,26 @@ def extrapolation(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if r["status"] == "ok" and r["nproc"] == 1 and r["steps"][0]["cpu_s"]]
     if not ok:
         return ["(no finished one-process run to extrapolate from)"]
-    # rates from the largest finished model, fp32 and bf16 separately
-    biggest = max(r["params"] for r in ok)
-    base = {r["dtype"]: r for r in ok if r["params"] == biggest and not r["checkpoint"]} or \
-        {r["dtype"]: r for r in ok if r["params"] == biggest}
-    lines = ["Rates measured on the largest model that finished in one process "
-             f"({next(iter(base.values()))['model']}, {biggest / 1e6:,.0f} M parameters), step 1 (unpruned):", ""]
-    for dtype, r in base.items():
+    lines = ["Rates of every finished one-process run, step 1 (the unpruned model):", ""]
+    for r in sorted(ok, key=lambda r: (r["params"], r["dtype"], r["checkpoint"])):
         n, flops = compute_params(r), step_flops(r)
-        lines.append(f"- {dtype}: {(8 if r['checkpoint'] else 6)} x {n / 1e6:,.0f} M matmul parameters x "
+        lines.append(f"- {r['key']}: {(8 if r['checkpoint'] else 6)} x {n / 1e6:,.0f} M matmul parameters x "
                      f"{r['budget']['calib_samples'] * r['budget']['seq_len']:,} tokens = {flops / 1e12:.1f} TFLOP in "
                      f"{r['steps'][0]['cpu_s']:.0f} CPU s = **{flops / r['steps'][0]['cpu_s'] / 1e9:.1f} GFLOP per "
                      f"CPU-second** ({flops / r['steps'][0]['wall_s'] / 1e9:.1f} GFLOP/s wall at load "
-                     f"{r['load_avg_start']:.0f}); activations and runtime: {activation_factor(r):.0f} bytes per "
-                     "(batch token x layer x hidden unit) beyond weights and fp32 gradient sums")
-    act = min(activation_factor(r) for r in base.values())
-    rate = max(step_flops(r) / r["steps"][0]["cpu_s"] for r in base.values())
+                     f"{r['load_avg_start']:.0f}); peak memory beyond weights and fp32 gradient sums: "
+                     f"{activation_factor(r):.0f} bytes per (batch token x layer x hidden unit)")
+    # the extrapolation: the rate of the largest model; activation bytes of the largest run without checkpointing,
+    # in fp32 (halved below for bf16 activations)
+    biggest = max(r["params"] for r in ok)
+    rate_row = max((r for r in ok if r["params"] == biggest), key=lambda r: step_flops(r) / r["steps"][0]["cpu_s"])
+    rate = step_flops(rate_row) / rate_row["steps"][0]["cpu_s"]
+    plain = [r for r in ok if not r["checkpoint"]] or ok
+    act_row = max(plain, key=lambda r: (r["params"], r["dtype"] == "float32"))
+    act = activation_factor(act_row) * (2 if act_row["dtype"] == "bfloat16" else 1)
+    lines += ["", f"Extrapolated with the rate of {rate_row['key']} ({rate / 1e9:.1f} GFLOP per CPU-second) and the "
+              f"activation bytes of {act_row['key']} ({act:.0f} per batch token x layer x hidden unit, fp32; an "
+              "upper bound: it also holds the Python/torch runtime and allocator slack)."]
     d = DEFAULT
     lines += ["", f"A default run: {d['steps']} steps of {d['calib_tokens']:,} calibration tokens (forward + backward, "
               f"6 N T) and WikiText-2 perplexity on {d['eval_tokens']:,} tokens (before + after, forward, 2 N T); "
