@@ -85,6 +85,16 @@ def _tree(root: int) -> list[int]:
     return out
 
 
+def _kill_tree(root: int) -> None:
+    """SIGKILL `root` and every descendant, by pid: torchrun starts its workers in sessions of their own, so
+    killing the run's process group would leave them running."""
+    for pid in reversed(_tree(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _sample(pids: list[int]) -> tuple[float, float]:
     """(resident MB, CPU seconds user+system) summed over `pids` that still exist."""
     rss, cpu = 0.0, 0.0
@@ -135,11 +145,11 @@ def run_one(run: Run, budget_mb: float, log: Path, deadline: float | None = None
             if rss > budget_mb and not killed:
                 killed.append(f"stopped at {rss / 1024:.1f} GB resident (budget {budget_mb / 1024:.1f} GB) after "
                               f"{time.perf_counter() - started:.0f} s")
-                os.killpg(proc.pid, signal.SIGKILL)  # the session this script started for the run
+                _kill_tree(proc.pid)
             if deadline is not None and time.time() > deadline and not killed:
                 killed.append(f"stopped at the deadline after {time.perf_counter() - started:.0f} s, "
                               f"{rss / 1024:.1f} GB resident, {len(marks)} of {run.steps} steps done")
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_tree(proc.pid)
             time.sleep(0.25)
 
     watcher = threading.Thread(target=watch, daemon=True)

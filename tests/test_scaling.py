@@ -4,6 +4,7 @@ report's arithmetic (FLOPs, activation bytes, the 7B/70B extrapolation) on a row
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,3 +89,24 @@ def test_removal_agreement_between_runs_of_one_model(tmp_path, monkeypatch):
     got = scaling.agreement(rows[1], rows)
     assert got == {"m/float32/1p": {"shared": 2, "this": 3, "other": 3, "jaccard": 0.5, "of_this": 2 / 3}}
     assert scaling.agreement(rows[2], rows) == {}
+
+
+def test_kill_tree_reaches_children_in_their_own_session():
+    import subprocess
+    import time
+
+    # torchrun's workers run in sessions of their own: a process-group kill would leave them behind
+    parent = subprocess.Popen(["bash", "-c", "setsid sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert os.getsid(child) != os.getsid(parent.pid)
+    for _ in range(50):  # wait until /proc lists the child under its parent
+        if child in scaling._tree(parent.pid):
+            break
+        time.sleep(0.05)
+    scaling._kill_tree(parent.pid)
+    parent.wait(timeout=10)
+    for _ in range(50):
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
