@@ -55,8 +55,8 @@ class Run:
                 + (f"/probe{self.calib_samples}" if probe else ""))
 
     @property
-    def big(self) -> bool:
-        return self.model.startswith("qwen")
+    def big(self) -> bool:  # over 5 GB resident: the real Qwen models, and two copies of any model
+        return self.model.startswith("qwen") or self.nproc > 1
 
 
 RUNS = [  # in order of priority (a run takes 5-60 minutes on the shared machine); 2 processes hold 2 copies, so the
@@ -67,6 +67,9 @@ RUNS = [  # in order of priority (a run takes 5-60 minutes on the shared machine
     # probes: one step on one batch of 8 windows, 1 perplexity window; the peak memory comes in the first batch
     Run("qwen2.5-coder-1.5b", "bfloat16", checkpoint=True, calib_samples=8, steps=1, eval_windows=1),
     Run("qwen2.5-coder-1.5b", "float32", checkpoint=True, calib_samples=8, steps=1, eval_windows=1),
+    # a cheaper 1-against-2-process pair (one step on 16 windows)
+    Run("smollm2", calib_samples=16, steps=1, eval_windows=4),
+    Run("smollm2", nproc=2, calib_samples=16, steps=1, eval_windows=4),
 ]
 
 
@@ -206,6 +209,7 @@ def agreement(row: dict, rows: list[dict]) -> dict:
     mine = removed(RUNS_DIR / _folder(row["key"]))
     for other in rows:
         if other["key"] == row["key"] or other.get("status") != "ok" or other["model"] != row["model"] \
+                or other.get("budget") != row.get("budget") \
                 or not (RUNS_DIR / _folder(other["key"]) / "trajectory").is_dir():
             continue
         theirs = removed(RUNS_DIR / _folder(other["key"]))

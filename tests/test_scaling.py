@@ -84,7 +84,7 @@ def test_removal_agreement_between_runs_of_one_model(tmp_path, monkeypatch):
         folder = tmp_path / scaling._folder(key) / "trajectory"
         folder.mkdir(parents=True)
         (folder / "trajectory.json").write_text(json.dumps({"steps": [{"removed": s} for s in steps]}))
-    rows = [{"key": k, "model": "m", "status": "ok"} for k in sets] + [
+    rows = [{"key": k, "model": "m", "status": "ok", "budget": {}} for k in sets] + [
         {"key": "m/float32/2p", "model": "m", "status": "does not fit"}]
     got = scaling.agreement(rows[1], rows)
     assert got == {"m/float32/1p": {"shared": 2, "this": 3, "other": 3, "jaccard": 0.5, "of_this": 2 / 3}}
