@@ -175,13 +175,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
     ok = [r for r in rows if r["status"] == "ok"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    series = sorted({(r["dtype"], r["nproc"], r["checkpoint"]) for r in ok})
-    for i, (dtype, nproc, ckpt) in enumerate(series):
-        pts = sorted((r["params"], r) for r in ok if (r["dtype"], r["nproc"], r["checkpoint"]) == (dtype, nproc, ckpt))
-        label = f"{dtype}, {nproc} proc" + (", ckpt" if ckpt else "")
-        x = [p / 1e6 for p, _ in pts]
-        ax1.plot(x, [r["steps"][0]["cpu_s"] for _, r in pts], "o-", color=f"C{i}", label=label)
-        ax2.plot(x, [r["tree_peak_rss_mb"] / 1024 for _, r in pts], "o-", color=f"C{i}", label=label)
+    kind = lambda r: (r["dtype"], r["nproc"], r["checkpoint"], r["budget"]["calib_samples"])
+    for i, (dtype, nproc, ckpt, windows) in enumerate(sorted({kind(r) for r in ok})):
+        pts = sorted((r for r in ok if kind(r) == (dtype, nproc, ckpt, windows)), key=lambda r: r["params"])
+        label = f"{dtype}, {nproc} proc" + (", ckpt" if ckpt else "") + f", {windows} windows"
+        x = [r["params"] / 1e6 for r in pts]
+        # CPU seconds per 32 windows, so that probes with fewer windows sit on the same scale
+        ax1.plot(x, [r["steps"][0]["cpu_s"] * 32 / windows for r in pts], "o-", color=f"C{i}", label=label)
+        ax2.plot(x, [r["tree_peak_rss_mb"] / 1024 for r in pts], "o-", color=f"C{i}", label=label)
     weights = sorted({(r["params"], r["fp32_weight_mb"]) for r in ok})
     ax2.plot([p / 1e6 for p, _ in weights], [w / 1024 for _, w in weights], "k--", lw=1, label="fp32 weights")
     for r in rows:
@@ -189,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax2.plot([], [])
             ax2.annotate(f"{r['key']}: {r['status']}", (0.02, 0.95), xycoords="axes fraction", fontsize=7,
                          va="top")
-    ax1.set_ylabel("CPU seconds, step 1 (32 x 128 tokens)")
+    ax1.set_ylabel("CPU seconds of step 1 per 32 x 128 tokens")
     ax2.set_ylabel("peak resident GB (all processes)")
     for ax in (ax1, ax2):
         ax.set_xscale("log")
