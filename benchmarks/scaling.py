@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LOCK = "/tmp/gisp-bigmem.lock"
 RUNS_DIR = ROOT / "runs" / "scaling"
+FLOOR_MB = 768  # a run is stopped when the machine's available memory falls below this (others share it)
 BUDGET = dict(sparsity=0.3, steps=2, calib_samples=32, seq_len=128, batch_size=8, eval_windows=32)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -145,8 +146,11 @@ def run_one(run: Run, budget_mb: float, log: Path, deadline: float | None = None
         while proc.poll() is None:
             rss, cpu = _sample(_tree(proc.pid))
             timeline.append((time.perf_counter() - started, rss, cpu))
-            if rss > budget_mb and not killed:
-                killed.append(f"stopped at {rss / 1024:.1f} GB resident (budget {budget_mb / 1024:.1f} GB) after "
+            free = _available_mb()
+            if (rss > budget_mb or free < FLOOR_MB) and not killed:
+                why = f"budget {budget_mb / 1024:.1f} GB" if rss > budget_mb else \
+                    f"the machine had {free / 1024:.2f} GB left, shared with other jobs"
+                killed.append(f"stopped at {rss / 1024:.1f} GB resident ({why}) after "
                               f"{time.perf_counter() - started:.0f} s")
                 _kill_tree(proc.pid)
             if deadline is not None and time.time() > deadline and not killed:
@@ -262,8 +266,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated run keys, e.g. smollm2/float32/1p (default: all)")
     ap.add_argument("--force", action="store_true", help="run again rows already in the JSON")
     ap.add_argument("--budget-gb", type=float, default=16.0,
-                    help="stop a run whose process tree passes this resident memory (default 16; lowered to what "
-                         "the machine has available minus 1 GB when a run starts)")
+                    help="stop a run whose process tree passes this resident memory (default 16), or when the "
+                         "machine's available memory falls under 768 MB")
     ap.add_argument("--deadline", help="UTC time HH:MM at which a running compile is stopped and recorded as such")
     ap.add_argument("--report-only", action="store_true", help="rebuild the .md and .png from the JSON")
     ap.add_argument("--json", type=Path, default=RESULTS / "scaling.json")
@@ -279,8 +283,9 @@ def main() -> None:
         for run in RUNS:
             if (wanted and run.key not in wanted) or (not args.force and any(r["key"] == run.key for r in rows)):
                 continue
-            budget = min(args.budget_gb * 1024, _available_mb() - 1024)
-            print(f"{run.key}: running (memory budget {budget / 1024:.1f} GB) ...", flush=True)
+            budget = args.budget_gb * 1024
+            print(f"{run.key}: running (memory budget {budget / 1024:.1f} GB, or until the machine has "
+                  f"{FLOOR_MB} MB left) ...", flush=True)
             row = run_one(run, budget, logs / f"{run.key.replace('/', '_')}.log", _deadline(args.deadline))
             row["budget_mb"] = budget
             # re-read first: another driver (e.g. small models run beside a large one) may have added rows

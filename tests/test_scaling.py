@@ -96,17 +96,22 @@ def test_kill_tree_reaches_children_in_their_own_session():
     import time
 
     # torchrun's workers run in sessions of their own: a process-group kill would leave them behind
-    parent = subprocess.Popen(["bash", "-c", "setsid sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    code = ("import subprocess, sys; p = subprocess.Popen(['sleep', '300'], start_new_session=True); "
+            "print(p.pid, flush=True); p.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    assert os.getsid(child) != os.getsid(parent.pid)
-    for _ in range(50):  # wait until /proc lists the child under its parent
-        if child in scaling._tree(parent.pid):
-            break
-        time.sleep(0.05)
+    assert os.getsid(child) != os.getsid(parent.pid) and child in scaling._tree(parent.pid)
     scaling._kill_tree(parent.pid)
     parent.wait(timeout=10)
-    for _ in range(50):
-        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    for _ in range(100):
+        if gone():
             break
         time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+    assert gone()
