@@ -71,7 +71,8 @@ def table(rows: list[dict]) -> list[str]:
            "(step 1) | peak RSS, all processes | / fp32 weights | ppl before -> after | sparsity | load avg |",
            "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        head = f"| {r['model']} | {r.get('params', 0) / 1e6:,.0f} M | {r['dtype']} | {r['nproc']} | " \
+        params = f"{r['params'] / 1e6:,.0f} M" if "params" in r else "-"
+        head = f"| {r['model']} | {params} | {r['dtype']} | {r['nproc']} | " \
                f"{'yes' if r['checkpoint'] else 'no'} |"
         load = f"{r['load_avg_start']:.1f}-{r['load_avg_end']:.1f}"
         if r["status"] != "ok":
@@ -137,8 +138,9 @@ def extrapolation(rows: list[dict]) -> list[str]:
               + " | ".join(f"1 x {g} | 8 x {g.split(' ')[0]}" for g in GPUS) + " |",
               "|---|---:|---:|---:|" + "---:|---:|" * len(GPUS)]
     mem_lines = ["", "| target | bf16 weights | fp32 gradient sums | activations (bf16) | one GPU needs | fits one "
-                 f"{GPU_MEMORY_GB} GB GPU | 8 GPUs, replicated (each) | 8 GPUs, weights+gradients sharded (each) |",
-                 "|---|---:|---:|---:|---:|---|---:|---:|"]
+                 f"{GPU_MEMORY_GB} GB GPU | with --checkpoint | 8 GPUs, replicated (each) | 8 GPUs, weights+gradients "
+                 "sharded (each; `--shard`, not on main yet) | sharded + --checkpoint (each) |",
+                 "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     arithmetic = ["", "Arithmetic:", ""]
     for name, t in TARGETS.items():
         n = t["params"] - t["vocab"] * t["hidden"]
@@ -150,9 +152,11 @@ def extrapolation(rows: list[dict]) -> list[str]:
         dec = decoder_params(t)
         w, g, a = 2 * t["params"], 4 * dec, act / 2 * d["batch_tokens"] * t["layers"] * t["hidden"]
         one = w + g + a
+        # checkpointing keeps each layer's bf16 input and recomputes one layer's activations at a time
+        ck = 2 * d["batch_tokens"] * t["layers"] * t["hidden"] + a / t["layers"]
         mem_lines.append(f"| {name} | {w / 1e9:.1f} GB | {g / 1e9:.1f} GB | {a / 1e9:.1f} GB | {one / 1e9:.1f} GB | "
-                         f"{'yes' if one < GPU_MEMORY_GB * 1e9 else 'no'} | {one / 1e9:.1f} GB | "
-                         f"{((w + g) / 8 + a) / 1e9:.1f} GB |")
+                         f"{'yes' if one < GPU_MEMORY_GB * 1e9 else 'no'} | {(w + g + ck) / 1e9:.1f} GB | "
+                         f"{one / 1e9:.1f} GB | {((w + g) / 8 + a) / 1e9:.1f} GB | {((w + g) / 8 + ck) / 1e9:.1f} GB |")
         h100 = list(GPUS.values())[-1]
         arithmetic += [
             f"- {name}: N = {t['params'] / 1e9:.3f} B - {t['vocab']:,} x {t['hidden']:,} (input embedding) = "
@@ -163,7 +167,9 @@ def extrapolation(rows: list[dict]) -> list[str]:
             f"{8 * dec / 1e9:.0f} GB per GPU, about {8 * dec / 1e9 / 300:.1f} s on 300 GB/s NVLink per step).",
             f"  Memory: 2 x {t['params'] / 1e9:.2f} B + 4 x {dec / 1e9:.2f} B (decoder: {t['layers']} x (2 x "
             f"{t['hidden']}^2 + 2 x {t['hidden']} x {t['kv_dim']} + 3 x {t['hidden']} x {t['inter']})) + "
-            f"{act / 2:.0f} x {d['batch_tokens']} x {t['layers']} x {t['hidden']} = {one / 1e9:.1f} GB."]
+            f"{act / 2:.0f} x {d['batch_tokens']} x {t['layers']} x {t['hidden']} = {one / 1e9:.1f} GB; with "
+            f"--checkpoint the activations become 2 x {d['batch_tokens']} x {t['layers']} x {t['hidden']} (layer "
+            f"inputs) + one layer's {a / t['layers'] / 1e9:.2f} GB = {ck / 1e9:.1f} GB."]
     return lines + mem_lines + arithmetic
 
 
