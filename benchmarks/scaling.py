@@ -125,7 +125,7 @@ def command(run: Run, output: Path) -> list[str]:
            "--steps", str(b["steps"]), "--calib-samples", str(b["calib_samples"]),
            "--seq-len", str(b["seq_len"]), "--batch-size", str(b["batch_size"]),
            "--eval-windows", str(b["eval_windows"]), "--dtype", run.dtype, "--nproc", str(run.nproc),
-           "--output", str(output), "--overwrite"] + (["--checkpoint"] if run.checkpoint else [])
+           "--output", str(output), "--overwrite", "--discard-partial"] + (["--checkpoint"] if run.checkpoint else [])
     return (["flock", LOCK] if run.big else []) + cmd
 
 
