@@ -181,7 +181,8 @@ def run_one(run: Run, budget_mb: float, log: Path, deadline: float | None = None
         done = [{"step": t, "wall_s": printed[t],
                  "cpu_s": _cpu_at(timeline, marks[t]) - _cpu_at(timeline, marks[t] - printed[t])} for t in sorted(marks)]
         status = ("stopped at deadline" if "deadline" in killed[0] else "does not fit") if killed else "failed"
-        return {**row, "status": status, "steps_done": done,
+        return {**row, "status": status, "steps_done": done, "log_progress": log_progress(log),
+                "tree_cpu_s_sampled": timeline[-1][2] if timeline else None,
                 "reason": killed[0] if killed else f"exit status {proc.returncode}: {' | '.join(tail)}"}
     report = json.loads((output / "report.json").read_text())
     steps = []
@@ -221,6 +222,17 @@ def agreement(row: dict, rows: list[dict]) -> dict:
         out[other["key"]] = {"shared": shared, "this": len(mine), "other": len(theirs),
                              "jaccard": shared / len(mine | theirs), "of_this": shared / len(mine)}
     return out
+
+
+def log_progress(log: Path) -> list[str]:
+    """What a stopped run had finished, from its log: the phases whose progress bars reached 100 %, with their
+    printed wall time (e.g. 'step 1 gradients 1/1 in 03:40')."""
+    if not log.is_file():
+        return []
+    done = re.findall(r"([A-Za-z][A-Za-z0-9 -]+)[.]*: 100%\|[^|]*\| (\d+/\d+) \[([0-9:]+)<",
+                      log.read_text().replace("\r", "\n"))
+    return [f"{name.strip()} {count} in {took}" for name, count, took in done
+            if not name.strip().lower().startswith(("loading weights", "writing"))]
 
 
 def _folder(key: str) -> str:
@@ -298,6 +310,8 @@ def main() -> None:
     rows = load_rows(args.json)
     for row in rows:  # removal sets, compared while the run folders (runs/scaling, not committed) are here
         row["agreement"] = agreement(row, rows)
+        if row["status"] != "ok" and (ROOT / row["log"]).is_file() and row["key"].replace("/", "_") in row["log"]:
+            row["log_progress"] = log_progress(ROOT / row["log"])
     if not args.report_only or any(r["agreement"] for r in rows):
         args.json.write_text(json.dumps(rows, indent=1))
     from scaling_report import write_report

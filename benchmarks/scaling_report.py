@@ -79,7 +79,9 @@ def table(rows: list[dict]) -> list[str]:
             done = r.get("steps_done") or [{}]
             out.append(f"{head} {r['budget']['calib_samples']} | {done[0].get('wall_s', float('nan')):.0f} | "
                        f"{done[0].get('cpu_s', float('nan')):.0f} | - | - | {r['tree_peak_rss_mb'] / 1024:.2f} GB when "
-                       f"stopped | | {r['status']}: {r['reason']} | | {load} |")
+                       f"stopped | | {r['status']}: {r['reason']}"
+                       + (f"; finished before: {', '.join(r['log_progress'])}" if r.get("log_progress") else "")
+                       + f" | | {load} |")
             continue
         s1, s2 = r["steps"][0], r["steps"][min(1, len(r["steps"]) - 1)]
         rate = step_flops(r) / s1["cpu_s"] / 1e9 if s1["cpu_s"] else float("nan")
