@@ -115,3 +115,12 @@ def test_kill_tree_reaches_children_in_their_own_session():
             break
         time.sleep(0.05)
     assert gone()
+
+
+def test_log_progress_of_a_stopped_run(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("Loading weights: 100%|##| 39/39 [00:00<00:00]\ndense ppl:   0%|  | 0/4 [00:00<?]\r"
+                   "dense ppl: 100%|##| 4/4 [00:23<00:00, 5.7s/batch]\npruning:   0%|  | 0/1\n"
+                   "step 1 gradients:  50%|#  | 1/2 [03:40<03:40]\r")
+    assert scaling.log_progress(log) == ["dense ppl 4/4 in 00:23"]  # the unfinished gradient bar is not listed
+    assert scaling.log_progress(tmp_path / "missing.log") == []
