@@ -117,12 +117,14 @@ def write_table(_args=None) -> None:
              "whole compiles. Wall times were taken on a shared 2-core machine (load average in the last column); "
              "the repair's share of its own compile is measured within one process.", "",
              "| kind | method, steps | calibration | sparsity | repair | at | inputs | damping | ppl | windows | "
-             "repair s | share of compile | load |", "|---|---|---|---:|---|---|---|---:|---:|---|---:|---:|---|"]
+             "repair wall s | repair CPU s | share of compile | load |",
+             "|---|---|---|---:|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         share = f"{100 * r['repair_share']:.1f} % of {r['compile_wall_s']:.0f} s" if r["kind"] == "compile" else "-"
         lines.append(f"| {r['kind']} | {r['method']}, {r['steps']} | {r['calib']} | {100 * r['sparsity']:.1f} % | "
                      f"{r['mode']} | {r.get('at', 'end')} | {r.get('inputs', '-')} | {r.get('damping') or '-'} | "
-                     f"{r['ppl']:.2f} | {r['windows']} | {r['repair_wall_s']:.1f} | {share} | "
+                     f"{r['ppl']:.2f} | {r['windows']} | {r['repair_wall_s']:.1f} | {r.get('repair_cpu_s', float('nan')):.1f} | "
+                     f"{share} | "
                      f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
     MD.write_text("\n".join(lines) + "\n")
     print(MD.read_text())
