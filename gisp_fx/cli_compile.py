@@ -22,7 +22,8 @@ def _windows(value: str) -> int | None:
 
 # flags whose argparse default is None, so that a flag the user gave can be told from one left at its default
 PG_FLAGS = ("pg_iters", "pg_samples", "pg_lr", "pg_init", "pg_groups", "pg_budget", "pg_penalty")
-OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS)
+OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS,
+                  "repair", "repair_at")
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,8 @@ def _compile(args: argparse.Namespace) -> None:
         calib_samples=flag["calib_samples"], seq_len=flag["seq_len"], batch_size=flag["batch_size"],
         steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
-        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, repair=flag["repair"],
+        repair_at=flag["repair_at"],
     )
     config.validate(frozenset(given))
     result = compile_model(config, overwrite=args.overwrite, resume=args.resume,
@@ -83,7 +85,8 @@ def _materialize(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.run_dir):
         raise GispError(f"materialize: '{args.run_dir}' is not a folder; give the output folder of `gisp-fx compile`")
     _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
-                                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
+                                   overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                                   repair=args.repair, calib=args.calib)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
 
 
@@ -187,6 +190,13 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing while scoring: decoder activations recomputed in backward (less "
                         "memory, about one more forward per batch)")
+    p.add_argument("--repair", choices=["none", "bias", "lsq"],
+                   help="re-fit what each pruned layer's output loses on the calibration activations (default none): "
+                        "bias (the removed inputs' mean contribution added to o_proj/down_proj biases) or lsq (the "
+                        "kept input columns re-fitted in closed form); not for magnitude/random or --objective margin")
+    p.add_argument("--repair-at", choices=["step", "end"],
+                   help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
+                        "or once at the end (default end)")
     p.add_argument("--export", choices=["onnx"],
                    help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)
@@ -197,6 +207,10 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--step", type=int)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--repair", choices=["none", "bias", "lsq"],
+                   help="default: as the run was compiled; bias/lsq on an unrepaired run repairs the rebuilt model "
+                        "once (needs the run's calibration data)")
+    p.add_argument("--calib", help="the run's calibration text file, when a repair needs it and it has moved")
     add_device_flags(p)
     p.set_defaults(func=_materialize)
 

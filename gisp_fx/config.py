@@ -15,6 +15,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 UNIFORM_METHODS = ("wanda-sp", "taylor-local")  # the same ratio in every layer; the others rank globally
 CALIBRATION_FREE = ("magnitude", "random")  # score from the weights (or the seed) alone
 NORMALIZING_METHODS = ("gisp", "oneshot")  # the methods whose global ranking --normalize changes
+REPAIR_MODES = ("none", "bias", "lsq")  # as gisp_fx.passes.repair.MODES / AT (kept here: config stays import-light)
+REPAIR_AT = ("step", "end")
 BOS_MODES = ("auto", "always", "never")  # as gisp_fx.datasets.BOS_MODES (kept here so config stays import-light)
 
 
@@ -49,6 +51,9 @@ class CompileConfig:
     checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # the weights' dtype: float32 | bfloat16 | float16 (gradients summed in fp32)
+    # repair of the consumer linears (passes/repair.py): none | bias | lsq, after every step or once at the end
+    repair: str = "none"
+    repair_at: str = "end"
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -77,6 +82,14 @@ class CompileConfig:
             raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
         if self.dtype not in DTYPES:
             raise GispError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.repair not in REPAIR_MODES or self.repair_at not in REPAIR_AT:
+            raise GispError(f"--repair must be one of {', '.join(REPAIR_MODES)} and --repair-at one of "
+                            f"{', '.join(REPAIR_AT)}, got '{self.repair}' and '{self.repair_at}'")
+        if self.repair != "none" and (self.method in CALIBRATION_FREE or self.objective == "margin"):
+            why = f"--method {self.method} uses none" if self.method in CALIBRATION_FREE else \
+                "--objective margin calibrates on multiple-choice questions"
+            raise GispError(f"--repair {self.repair} re-fits weights on language-model calibration windows; {why}: "
+                            "use a calibrated method with --objective ppl, or --repair none")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         ignored = self.ignored(self.non_default() if given is None else given)
@@ -101,6 +114,9 @@ class CompileConfig:
             out.append(f"--tasks applies to --objective margin; --objective {self.objective} calibrates on text")
         if "calib" in given and self.objective == "margin":
             out.append("--calib applies to --objective ppl; --objective margin calibrates on the --tasks' questions")
+        if "repair_at" in given and (self.repair == "none" or self.schedule_steps == 1):
+            out.append("--repair-at applies to --repair bias|lsq with iterative gisp; "
+                       + ("--repair is none" if self.repair == "none" else f"--method {method} prunes in one step"))
         pg = sorted(name for name in given if name.startswith("pg_"))
         if pg and method != "pg":
             out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")
@@ -124,6 +140,11 @@ class CompileConfig:
 
         return PgConfig(iters=self.pg_iters, samples=self.pg_samples, lr=self.pg_lr, init=self.pg_init,
                         granularity=self.pg_groups, budget=self.pg_budget, penalty=self.pg_penalty, seed=self.seed)
+
+    def repair_settings(self):
+        from gisp_fx.passes.repair import RepairSettings
+
+        return RepairSettings(self.repair, self.repair_at if self.schedule_steps > 1 else "end")
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -24,7 +24,8 @@ INTERMEDIATE_ATTRS = ("intermediate_size",)
 PREFIX = "gisp_"
 # The version of this file's runtime. Saved folders carry a copy of it (and the number in config.gisp), so a later
 # gisp-fx can tell an older copy and load the folder with its own, newer runtime instead. 1: unstamped copies.
-RUNTIME_VERSION = 2
+# 3: a pruned linear may carry a bias its dense model lacked (--repair bias): rebuilt when shape or bias differ.
+RUNTIME_VERSION = 3
 
 
 def gisp_implementation(base: str) -> str:
@@ -159,7 +160,7 @@ def apply_structure_(model: nn.Module, structure: dict) -> None:
     linearize_modules_(model, structure.get("linearized", ()))
     for name, (in_f, out_f, bias) in structure["linears"].items():
         old = model.get_submodule(name)
-        if (old.in_features, old.out_features) != (in_f, out_f):
+        if (old.in_features, old.out_features, old.bias is not None) != (in_f, out_f, bias):
             new = nn.Linear(in_f, out_f, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
             _set_module(model, name, new)
     for name, info in structure["attention"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import resource
@@ -178,7 +179,6 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
     from gisp_fx.passes.select import parse_protect
-    from gisp_fx.passes.shrink import shrink_
     from gisp_fx.trajectory import Step, Trajectory, scores_table
 
     from gisp_fx.device import resolve
@@ -213,6 +213,12 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         f"choose --sparsity below {share:.3f} (`gisp-fx inspect` lists what is kept whole and why)")
     _require_reachable(config, plan0, protect, target_removed)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
+    from gisp_fx.passes.repair import check_calibration, replay_repaired_, shrink_repaired_
+
+    repair = config.repair_settings()
+    check_calibration(plan0, calib, repair)
+    # repair at the end fits the final removal on the dense model's activations: keep the dense model until then
+    dense = copy.deepcopy(model) if repair.mode != "none" and repair.at == "end" else None
 
     dense_path = partial / "dense_ppl.json"  # measured on the unpruned model, before any replay
     if dense_path.is_file():
@@ -228,7 +234,9 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         traj = resumed
         if traj.plan != plan0:
             raise GispError(f"--resume: the model '{config.model}' is not the one the unfinished run started from")
-        plan, alive = replay_(model, plan0, traj.removed_until(len(traj.steps)))
+        at_step = repair.at == "step"
+        chunks = [s.refs() for s in traj.steps] if at_step else [traj.removed_until(len(traj.steps))]
+        plan, alive, _ = replay_repaired_(model, plan0, chunks, calib if at_step else None, repair, progress)
     else:
         traj = Trajectory({**config.to_json(), "groups_per_step": None}, plan0)
         plan, alive = plan0, _Alive(plan0)
@@ -253,7 +261,10 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
-        plan = shrink_(model, plan, selection)
+        plan, record = shrink_repaired_(model, plan, selection, calib if repair.at == "step" else None, repair,
+                                        progress)
+        if record:
+            traj.repair.append({"step": t, **record})
         alive.remove(original)
         removed_params = plan0.decoder_params - plan.decoder_params
         sparsity = removed_params / plan0.decoder_params
@@ -269,6 +280,12 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         if on_step is not None:
             on_step(t, model)
     bar.close()
+    if dense is not None:
+        plan, _, (record,) = replay_repaired_(dense, plan0, [traj.removed_until(len(traj.steps))], calib, repair,
+                                              progress)
+        model, dense = dense, None
+        traj.repair.append({"step": "end", **record})
+        traj.save(traj_dir)
 
     recaptured = analyse(model)  # the verifier: the shrunk model's own graph must give the predicted plan
     if recaptured != plan:
@@ -413,23 +430,31 @@ def load_trajectory(run_dir: str):
 
 
 def materialize_model(traj, sparsity: float | None, *, step: int | None = None, loaded=None, device: str = "cpu",
-                      dtype: str = "float32"):
-    """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights."""
+                      dtype: str = "float32", repair: str | None = None, calib: str | None = None):
+    """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights,
+    repaired as the run was (or as `repair` says) on the run's calibration (or the text file `calib`)."""
     from gisp_fx.device import resolve
     from gisp_fx.loading import load_model
+    from gisp_fx.passes.repair import materialize_repair, replay_repaired_
 
     removed = _removals_for(traj, sparsity, step)
+    settings, calib_config = materialize_repair(traj, repair, calib)
     dev, dt = resolve(device, dtype)
     loaded = loaded or load_model(traj.config["model"], dtype=dt, device=str(dev))
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
-    plan, _ = replay_(loaded.model, plan0, removed)
+    calibration = build_calibration(calib_config, loaded.tokenizer) if calib_config else None
+    chunks = [removed]
+    if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
+        chunks = [tuple(r for r in removed if r in refs) for refs in (set(s.refs()) for s in traj.steps)]
+    plan, _, _ = replay_repaired_(loaded.model, plan0, chunks, calibration, settings)
     return loaded, plan, (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
 
 
 def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
-                overwrite: bool = False, loaded=None, device: str = "cpu", dtype: str = "float32"):
+                overwrite: bool = False, loaded=None, device: str = "cpu", dtype: str = "float32",
+                repair: str | None = None, calib: str | None = None):
     """Rebuild the model at a sparsity (or step) of a run's trajectory and save it as a model folder."""
     from gisp_fx.save import save_pruned, staged_dir
 
@@ -439,7 +464,7 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,
-                                               device=device, dtype=dtype)
+                                               device=device, dtype=dtype, repair=repair, calib=calib)
     with staged_dir(out) as tmp:
         save_pruned(loaded.model, loaded.tokenizer, tmp)
     return loaded.model, plan, sparsity

@@ -48,6 +48,11 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
         "fp32_weight_mb": plan0.total_params * 4 / 2**20,
         "peak_rss_over_fp32_weights": peak_rss_mb / (plan0.total_params * 4 / 2**20),
     }
+    if traj.repair:  # repair's own time, apart from the compile's (the budget: <= 30 % of the wall time)
+        spent = sum(r["wall_s"] for r in traj.repair)
+        report["repair"] = {**{k: traj.repair[0][k] for k in ("mode", "at", "inputs", "damping")}, "wall_s": spent,
+                            "share_of_wall": spent / wall_s,
+                            "bias_params_added": sum(r["bias_params_added"] for r in traj.repair), "runs": traj.repair}
     if traj.history:
         report["history"] = {"iterations": len(traj.history), "first_loss": traj.history[0]["loss"],
                              "last_loss": traj.history[-1]["loss"], "last_entropy": traj.history[-1]["entropy"],
@@ -98,6 +103,9 @@ def _markdown(r: dict) -> str:
         f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
         f"{r['groups_per_step'] or 'all'} groups per step; wall time {r['wall_s']:.0f} s, "
         f"peak memory {r['peak_rss_mb']:.0f} MB ({r['peak_rss_over_fp32_weights']:.1f} x the fp32 weights).", "",
+        *([f"Repair: **{r['repair']['mode']}** at {r['repair']['at']} ({r['repair']['inputs']} inputs, damping "
+           f"{r['repair']['damping']}), {len(r['repair']['runs'])} run(s), {r['repair']['wall_s']:.1f} s "
+           f"({100 * r['repair']['share_of_wall']:.1f} % of the wall time).", ""] if "repair" in r else []),
         f"![kept per layer]({PNG})", "",
         *([f"Policy gradient: {r['history']['iterations']} iterations, sampled loss {r['history']['first_loss']:.3f} "
            f"-> {r['history']['last_loss']:.3f}, mean entropy of the keep-probabilities at the end "

@@ -37,6 +37,7 @@ class Trajectory:
     steps: list[Step] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "step{t}.heads" [L, H0] ..., NaN once removed
     history: list[dict] = field(default_factory=list)  # per-iteration record of an iterative optimiser (pg)
+    repair: list[dict] = field(default_factory=list)  # each repair that ran: at which step ("end"), settings, time
 
     def removed_until(self, step: int) -> tuple[GroupRef, ...]:
         return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
@@ -45,6 +46,8 @@ class Trajectory:
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"version": TRAJECTORY_VERSION, "config": self.config, "plan": self.plan.to_json(),
                "steps": [asdict(s) for s in self.steps], "history": self.history}
+        if self.repair:
+            doc["repair"] = self.repair
         tmp = folder / "trajectory.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         if self.scores:
@@ -91,7 +94,11 @@ class Trajectory:
         if not isinstance(history, list):
             raise GispError(f"trajectory '{path}': 'history' is a {type(history).__name__}, expected a list; it is "
                             "damaged: compile the run again")
-        return Trajectory(config, plan, steps, scores, history)
+        repair = doc.get("repair", [])
+        if not isinstance(repair, list):
+            raise GispError(f"trajectory '{path}': 'repair' is a {type(repair).__name__}, expected a list; it is "
+                            "damaged: compile the run again")
+        return Trajectory(config, plan, steps, scores, history, repair)
 
 
 def _group_counts(plan: GroupPlan, kind: str) -> list[int]:

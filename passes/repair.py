@@ -1,0 +1,302 @@
+"""(model, GroupPlan, Selection, calibration) -> the smaller model with its consumer linears re-fitted (repair).
+
+What a removed head or channel fed into the model goes through one linear: its column block of o_proj (a head) or
+down_proj (a channel), the "consumer". Repair changes only the consumers, from the calibration activations at
+their inputs, captured by forward pre-hooks:
+
+- bias (FLAP's bias compensation): the removed columns' mean contribution over the calibration tokens,
+  W[:, R] @ mean(x_R), is added to the consumer's bias (one is created where the dense model had none);
+- lsq (closed-form reconstruction): the kept columns are re-fitted so that the consumer's output on the calibration
+  activations matches the output before removal, W'_S = W G[:, S] (G[S, S] + lambda I)^-1, from the Gram matrix
+  G = sum x x^T (per-batch products in fp32, summed over batches in fp64), lambda = damping * mean(diag G[S, S]).
+
+Inputs: "dense" (parallel) captures every consumer's input in one forward pass of the model before this removal;
+"pruned" (sequential, as SparseGPT) goes layer by layer, each layer's inputs coming from the already pruned and
+repaired layers above it (one forward pass per pruned layer, stopped after that layer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gisp_fx.errors import GispError
+from gisp_fx.plan import Axis, GroupPlan, Selection
+
+MODES = ("none", "bias", "lsq")
+AT = ("step", "end")
+INPUTS = ("dense", "pruned")
+DAMPING = 0.01  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's percdamp); see benchmarks/repair.py
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    mode: str = "none"  # none | bias | lsq
+    at: str = "end"  # step: after every step of an iterative run | end: once, on the final removal
+    inputs: str = "dense"  # dense (parallel) | pruned (sequential)
+    damping: float = DAMPING
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping}
+
+
+@dataclass
+class _Moments:
+    """Sums over the calibration tokens of one consumer's input x: sum x (fp64) and, for lsq, sum x x^T (fp64)."""
+
+    total: torch.Tensor
+    gram: torch.Tensor | None
+    tokens: int = 0
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last layer whose consumers are needed: the rest of the forward is skipped."""
+
+
+def consumer_columns(plan: GroupPlan, selection: Selection) -> dict[str, np.ndarray]:
+    """The input columns each consumer linear loses with `selection` (sorted, in the plan's current numbering)."""
+    from gisp_fx.plan import Kind
+
+    out: dict[str, set[int]] = {}
+    for layer in plan.layers:
+        a, m = layer.attention, layer.mlp
+        for block, members, kind in ((a, a.query if a else (), Kind.HEAD), (m, m.members if m else (), Kind.CHANNEL)):
+            gone = selection.of(layer.index, kind)
+            if block is None or not gone:
+                continue
+            for member in members:
+                if member.axis is Axis.COLS:
+                    cols = out.setdefault(member.module, set())
+                    for g in gone:
+                        cols.update(member.index[g])
+    return {name: np.array(sorted(cols), dtype=np.int64) for name, cols in out.items() if cols}
+
+
+def min_tokens(plan: GroupPlan) -> int:
+    """Calibration tokens an lsq fit needs: at least the widest consumer's input features (else G is singular)."""
+    widths = [plan.linear(m.module).in_features for layer in plan.layers
+              for members in ((layer.attention.query if layer.attention else ()), (layer.mlp.members if layer.mlp else ()))
+              for m in members if m.axis is Axis.COLS]
+    return max(widths, default=0)
+
+
+def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
+    """One GispError when the calibration cannot serve the repair: not language-model windows, or (lsq) fewer
+    calibration tokens than the widest consumer has input features."""
+    from gisp_fx.passes.importance import LmCalibration
+
+    if settings.mode == "none":
+        return
+    if not isinstance(calib, LmCalibration):
+        raise GispError(f"--repair {settings.mode} fits on language-model calibration windows (the ppl objective), "
+                        f"got {type(calib).__name__}; use --objective ppl or --repair none")
+    tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
+    if settings.mode == "lsq" and tokens < need:
+        n, L = calib.input_ids.shape
+        raise GispError(f"--repair lsq: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
+                        f"{need:,} input features of the widest consumer linear, so its Gram matrix is singular and "
+                        "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
+
+
+def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool, stop_after: str | None = None,
+            progress: bool = False) -> dict[str, _Moments]:
+    """Run the calibration windows through `model`; sum the inputs (and their Gram) of every linear in `columns`."""
+    moments: dict[str, _Moments] = {}
+
+    def hook(name):
+        def fn(_module, inputs):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            m = moments.get(name)
+            if m is None:
+                d, dev = x.shape[-1], x.device
+                m = moments[name] = _Moments(torch.zeros(d, dtype=torch.float64, device=dev),
+                                             torch.zeros(d, d, dtype=torch.float64, device=dev) if gram else None)
+            m.total += x.sum(0, dtype=torch.float64)
+            if gram:
+                xf = x.float()
+                m.gram += (xf.T @ xf).double()
+            m.tokens += x.shape[0]
+        return fn
+
+    def stop(*_):
+        raise _Stop
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in columns]
+    if stop_after is not None:
+        handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            ids = calib.input_ids
+            for i in tqdm(range(0, len(ids), calib.batch_size), desc="repair activations", leave=False,
+                          disable=not progress, unit="batch"):
+                try:
+                    model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = sorted(set(columns) - set(moments))
+    if missing:
+        raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])}; the forward pass "
+                        "did not run these linears (a gisp-fx bug for this family, please report it)")
+    return moments
+
+
+def lsq_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+    """argmin_V ||W X - V X_S||^2 + lambda ||V||^2 in closed form: W G[:, S] (G[S, S] + lambda I)^-1, in fp64.
+
+    `gram` is G = X X^T over all input features; lambda = damping * mean(diag G[S, S])."""
+    w, g = weight.double(), gram.double()
+    gss = g.index_select(0, keep).index_select(1, keep)
+    rhs = w @ g.index_select(1, keep)  # [out, |S|]
+    lam = damping * gss.diagonal().mean()
+    a = gss + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise GispError(f"repair lsq: the kept inputs' Gram matrix (+ damping {damping}) is not positive definite "
+                        f"(leading minor {int(info)} of {len(keep)}); the calibration activations do not span the "
+                        "kept features: give more calibration tokens or raise the damping")
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def bias_shift(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The removed columns' mean contribution to the output, W[:, R] @ mean(x_R), in fp64."""
+    return weight.double().index_select(1, removed) @ mean.double().index_select(0, removed)
+
+
+def _apply(model: nn.Module, columns: dict[str, np.ndarray], moments: dict[str, _Moments],
+           settings: RepairSettings) -> dict[str, int]:
+    """Write the repaired weights (or biases) into the consumers, still at full width; shrink_ then drops R.
+    Returns the biases created (consumer -> parameters) where the dense model had none."""
+    created = {}
+    with torch.no_grad():
+        for name, removed in columns.items():
+            lin, m = model.get_submodule(name), moments[name]
+            w = lin.weight
+            gone = torch.as_tensor(removed, device=w.device)
+            if settings.mode == "bias":
+                shift = bias_shift(w, m.total / m.tokens, gone)
+                if lin.bias is None:
+                    created[name] = lin.out_features
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                            requires_grad=w.requires_grad)
+                lin.bias.copy_((lin.bias.double() + shift).to(w.dtype))
+                continue
+            stays = np.ones(lin.in_features, dtype=bool)
+            stays[removed] = False
+            keep = torch.as_tensor(np.flatnonzero(stays), device=w.device)
+            if len(keep):  # a consumer that loses every column has nothing left to fit
+                w[:, keep] = lsq_columns(w, m.gram, keep, settings.damping).to(w.dtype)
+    return created
+
+
+def _with_biases(plan: GroupPlan, created: dict[str, int]) -> GroupPlan:
+    """The plan once consumers gained biases: their LinearInfo says so and the parameter counts include them (an
+    emptied block keeps its consumer's bias as its output bias, still in its layer)."""
+    from dataclasses import replace
+
+    if not created:
+        return plan
+    linears = tuple(replace(i, bias=True) if i.module in created else i for i in plan.linears)
+    layers = tuple(replace(l, params=l.params + sum(n for name, n in created.items()
+                                                     if name.startswith(l.module + "."))) for l in plan.layers)
+    return replace(plan, linears=linears, layers=layers, total_params=plan.total_params + sum(created.values()))
+
+
+def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
+                     settings: RepairSettings, progress: bool = False) -> tuple[GroupPlan, dict | None]:
+    """shrink_ with the consumers repaired first; returns the new plan and a record of the repair (None when
+    `settings.mode` is none or `calib` is None)."""
+    from gisp_fx.passes.shrink import shrink_
+
+    if settings.mode == "none" or calib is None:
+        return shrink_(model, plan, selection), None
+    t0 = time.perf_counter()
+    need_gram = settings.mode == "lsq"
+    if settings.inputs == "dense":
+        columns = consumer_columns(plan, selection)
+        last = max((l for l in plan.layers if any(n.startswith(l.module + ".") for n in columns)),
+                   key=lambda l: l.index, default=None)
+        moments = collect(model, columns, calib, need_gram, last.module, progress) if columns else {}
+        created = _apply(model, columns, moments, settings)
+        passes, tokens = int(bool(columns)), next(iter(moments.values())).tokens if moments else 0
+        plan = _with_biases(shrink_(model, plan, selection), created)
+    else:
+        passes, tokens, columns, created = 0, 0, {}, {}
+        for layer in sorted({r.layer for r in selection.removed}):
+            part = Selection(tuple(r for r in selection.removed if r.layer == layer))
+            cols = consumer_columns(plan, part)
+            moments = collect(model, cols, calib, need_gram, plan.layers[layer].module, progress)
+            made = _apply(model, cols, moments, settings)
+            plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
+            created.update(made)
+            columns.update(cols)
+            passes, tokens = passes + 1, next(iter(moments.values())).tokens
+    record = {**settings.to_json(), "linears": len(columns), "columns_removed": int(sum(map(len, columns.values()))),
+              "tokens": tokens, "forward_passes": passes, "bias_params_added": sum(created.values()), "wall_s": time.perf_counter() - t0}
+    return plan, record
+
+
+def replay_repaired_(model: nn.Module, plan0: GroupPlan, chunks, calib, settings: RepairSettings,
+                     progress: bool = False):
+    """Remove `chunks` (tuples of GroupRefs by ORIGINAL index) one after another from a model at `plan0`,
+    repairing before each removal (no repair when `calib` is None); returns (plan, alive, repair records)."""
+    from gisp_fx.pipeline import _Alive
+
+    alive, plan, records = _Alive(plan0), plan0, []
+    for chunk in chunks:
+        if chunk:
+            plan, record = shrink_repaired_(model, plan, Selection(tuple(alive.current(r) for r in chunk)), calib,
+                                            settings, progress)
+            alive.remove(chunk)
+            records.append(record)
+    return plan, alive, records
+
+
+def materialize_repair(traj, override: str | None, calib: str | None):
+    """The repair a materialize runs, and the CompileConfig to rebuild its calibration from (the run's recorded
+    calibration settings; None when no repair runs), checked before any model is loaded: the run's own repair
+    unless `override` names another; a run repaired at every step can only be replayed as it ran (or
+    unrepaired, --repair none), since its removal order was scored on repaired models."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from gisp_fx.config import CompileConfig, REPAIR_MODES
+
+    config = CompileConfig.from_json(traj.config)
+    recorded = config.repair_settings()
+    if override is not None and override not in REPAIR_MODES:
+        raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
+    if override is None or override == recorded.mode:
+        settings = recorded
+    elif override == "none":
+        settings = RepairSettings()
+    elif recorded.mode != "none" and recorded.at == "step":
+        raise GispError(f"materialize: this run repaired ({recorded.mode}) after every step, so its removal order "
+                        f"was scored on repaired models; reproduce it with --repair {recorded.mode}, or give "
+                        "--repair none for the unrepaired replay")
+    else:
+        settings = RepairSettings(override, "end")
+    if settings.mode == "none":
+        if calib is not None:
+            raise GispError("materialize: --calib is the calibration text of a repair; this materialize runs none "
+                            "(give --repair bias|lsq, or leave --calib out)")
+        return settings, None
+    config = replace(config, repair=settings.mode, calib=calib or config.calib)
+    config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from
+    if config.calib and not Path(config.calib).is_file():
+        raise GispError(f"materialize: --repair {settings.mode} needs the run's calibration data, and its "
+                        f"calibration file '{config.calib}' is not there; pass --calib FILE (the same text), or "
+                        "--repair none")
+    return settings, config

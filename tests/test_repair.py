@@ -1,0 +1,214 @@
+"""Repair of the consumer linears (passes/repair.py): the closed form, bias compensation, round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer, tokens
+from gisp_fx.cli import main
+from gisp_fx.config import CompileConfig
+from gisp_fx.errors import GispError
+from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.passes.importance import LmCalibration
+from gisp_fx.passes.repair import RepairSettings, lsq_columns, shrink_repaired_
+from gisp_fx.passes.shrink import shrink_
+from gisp_fx.pipeline import analyse, compile_model, materialize
+from gisp_fx.plan import GroupRef, Kind, Selection
+from test_rewrite import SELECTION
+
+H, C = Kind.HEAD, Kind.CHANNEL
+PROBE = tokens(3, 12, seed=9)
+
+
+def _calib():
+    return LmCalibration(tokens(12, 16, seed=2), batch_size=4)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the closed form -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damping", [0.0, 0.01, 0.3])
+def test_lsq_closed_form_equals_lstsq(damping):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    # correlated inputs (8 factors behind 12 features, plus noise): what the re-fit exploits
+    x = torch.randn(12, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 300, generator=g, dtype=torch.float64)
+    x += 0.1 * torch.randn(12, 300, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 1, 2, 4, 6, 7, 9, 11])
+    fitted = lsq_columns(w, x @ x.T, keep, damping)
+    # the same problem as an ordinary least squares: [X_S^T; sqrt(lambda) I] V^T = [X^T W^T; 0]
+    xs = x[keep]
+    lam = damping * (xs * xs).sum(1).mean()
+    a = torch.cat([xs.T, lam.sqrt() * torch.eye(len(keep), dtype=torch.float64)])
+    b = torch.cat([(w @ x).T, torch.zeros(len(keep), 7, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b).solution.T
+    assert (fitted - expected).norm() / expected.norm() <= 1e-5
+    # and it beats dropping the columns: the output error is smaller than the truncated layer's
+    fit_err, cut_err = (w @ x - fitted @ xs).norm(), (w @ x - w[:, keep] @ xs).norm()
+    assert fit_err < (0.5 if damping <= 0.01 else 1.0) * cut_err
+
+
+def test_nothing_removed_leaves_weights_unchanged():
+    for mode in ("bias", "lsq"):
+        model = tiny_model("llama-gqa")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        plan, record = shrink_repaired_(model, analyse(model), Selection(()), _calib(), RepairSettings(mode))
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        assert record["linears"] == 0 and record["forward_passes"] == 0
+
+
+def _outputs(model, name: str, calib) -> torch.Tensor:
+    """`name`'s outputs over the calibration windows, [tokens, features]."""
+    out = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: out.append(o.detach().flatten(0, -2)))
+    with torch.no_grad():
+        for i in range(0, len(calib.input_ids), calib.batch_size):
+            model(input_ids=calib.input_ids[i : i + calib.batch_size])
+    handle.remove()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind,consumer", [(H, "model.layers.0.self_attn.o_proj"), (C, "model.layers.0.mlp.down_proj")])
+def test_bias_keeps_the_consumer_output_mean(kind, consumer):
+    calib = _calib()
+    dense = tiny_model("llama-gqa")
+    want = _outputs(dense, consumer, calib)
+    removed = (0, 2) if kind is H else tuple(range(0, 48, 3))
+    selection = Selection(tuple(GroupRef(0, kind, i) for i in removed))
+    plain, repaired = tiny_model("llama-gqa"), tiny_model("llama-gqa")
+    shrink_(plain, analyse(plain), selection)
+    shrink_repaired_(repaired, analyse(repaired), selection, calib, RepairSettings("bias"))
+    got, unrepaired = _outputs(repaired, consumer, calib), _outputs(plain, consumer, calib)
+    # the dense layer had no bias; the repaired one has, and nothing else grew
+    assert dense.get_submodule(consumer).bias is None and repaired.get_submodule(consumer).bias is not None
+    assert _params(repaired) == _params(plain) + dense.config.hidden_size
+    gap = (got.mean(0) - want.mean(0)).abs().max()
+    assert gap <= 1e-5 * want.abs().max() + 1e-6
+    assert (unrepaired.mean(0) - want.mean(0)).abs().max() > 100 * gap  # the pruned layer's mean had moved
+
+
+def test_lsq_reconstructs_the_consumer_output_better_than_pruning():
+    calib, consumer = _calib(), "model.layers.0.self_attn.o_proj"
+    want = _outputs(tiny_model("llama-gqa"), consumer, calib)
+    errors = {}
+    for mode in ("none", "lsq"):
+        model = tiny_model("llama-gqa")
+        shrink_repaired_(model, analyse(model), Selection((GroupRef(0, H, 1), GroupRef(0, H, 3))), calib,
+                         RepairSettings(mode))
+        errors[mode] = (_outputs(model, consumer, calib) - want).norm().item()
+    assert errors["lsq"] < 0.8 * errors["none"]
+
+
+# -- compile, save, load, export -------------------------------------------------------------------------------
+def _calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    g = torch.Generator().manual_seed(3)
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(4, 96, (4000,), generator=g)))
+    return str(path)
+
+
+def _compile(tmp_path, name, layers=4, **kw):
+    base = dict(model="tiny", sparsity=0.4, output=str(tmp_path / name), protect="none", eval_windows=2,
+                calib=_calib_file(tmp_path), calib_samples=12, seq_len=16, batch_size=4)
+    if kw.get("method", "gisp") == "gisp":
+        base["steps"] = 3
+    config = CompileConfig(**{**base, **kw})
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=layers), tiny_tokenizer(), "tiny")
+    return compile_model(config, loaded=loaded, progress=False)
+
+
+@pytest.mark.parametrize("repair,at", [("bias", "step"), ("lsq", "end"), ("lsq", "step")])
+def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
+    plain = _compile(tmp_path, "plain")
+    run = _compile(tmp_path, "run", repair=repair, repair_at=at)
+    report = json.loads((run.output / "report.json").read_text())
+    assert report["repair"]["mode"] == repair and report["repair"]["at"] == at
+    runs = report["repair"]["runs"]
+    assert [r["step"] for r in runs] == ([s["step"] for s in report["steps"]] if at == "step" else ["end"])
+    assert 0 < report["repair"]["wall_s"] < report["wall_s"] and all(r["linears"] > 0 for r in runs)
+    traj = json.loads((run.output / "trajectory" / "trajectory.json").read_text())
+    assert traj["config"]["repair"] == repair and len(traj["repair"]) == len(runs)
+    model = load_model(str(run.output)).model
+    plain_model = load_model(str(plain.output)).model
+    # the report counts the model's real parameters: a bias repair's new biases (hidden wide, one per consumer that
+    # lost columns) included
+    assert _params(model) == report["params"]["after"]
+    added = report["repair"]["bias_params_added"]
+    assert (added > 0 and added % 64 == 0) if repair == "bias" else added == 0
+    if at == "end":  # the removals of the unrepaired run (repair at the end does not steer the scores), re-fitted
+        assert report["layers"] == json.loads((plain.output / "report.json").read_text())["layers"]
+        assert _params(model) == _params(plain_model)
+        with torch.no_grad():
+            assert not torch.allclose(model(input_ids=PROBE).logits, plain_model(input_ids=PROBE).logits)
+    # materialize rebuilds the repaired model from the original weights and the recorded calibration
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+    rebuilt, _, _ = materialize(str(run.output), None, str(tmp_path / "m"), step=len(report["steps"]),
+                                loaded=loaded)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(input_ids=PROBE).logits, model(input_ids=PROBE).logits, atol=1e-5)
+
+
+# bias on every family (the exporters must carry the new biases); lsq only changes values, once suffices
+@pytest.mark.parametrize("arch,mode", [(a, "bias") for a in ("llama-gqa", "qwen2", "phi3", "opt", "gpt2")]
+                         + [("llama-gqa", "lsq")])
+def test_repaired_families_save_load_and_export(arch, mode, tmp_path):
+    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.save import save_pruned
+
+    model = tiny_model(arch)
+    plan = analyse(model)
+    # the first head of every layer with attention, the first 20 channels of every MLP, and all of layer 1's heads
+    refs = [GroupRef(l.index, H, h) for l in plan.layers if l.attention
+            for h in (range(l.attention.num_heads) if l.index == 1 else (0,))]
+    refs += [GroupRef(l.index, C, c) for l in plan.layers if l.mlp for c in range(20)]
+    shrink_repaired_(model, plan, Selection(tuple(refs)), _calib(), RepairSettings(mode))
+    save_pruned(model, tiny_tokenizer(), tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=PROBE).logits, model(input_ids=PROBE).logits, atol=1e-5)
+    graphs = ["traced", "fused"] if arch in ("llama-gqa", "qwen2") else ["traced"]
+    for graph in graphs:
+        result = export_model(loaded, tmp_path / graph, with_past=True, graph=graph)
+        assert result.parity.logits < 1e-4 and result.parity.present < 1e-4, graph
+
+
+@pytest.mark.parametrize("method", ["oneshot", "wanda-sp", "pg"])
+def test_repair_serves_every_calibrated_method(method, tmp_path):
+    kw = dict(pg_iters=3) if method == "pg" else {}
+    plain = _compile(tmp_path, "plain", method=method, **kw)
+    run = _compile(tmp_path, "run", method=method, repair="lsq", **kw)
+    report = json.loads((run.output / "report.json").read_text())
+    assert report["repair"]["mode"] == "lsq" and len(report["repair"]["runs"]) == 1
+    assert report["params"] == json.loads((plain.output / "report.json").read_text())["params"]
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
+    with pytest.raises(GispError, match="--repair lsq re-fits weights .* --method magnitude uses none"):
+        CompileConfig("tiny", 0.3, "o", method="magnitude", repair="lsq").validate()
+    with pytest.raises(GispError, match="--objective margin calibrates on multiple-choice"):
+        CompileConfig("tiny", 0.3, "o", objective="margin", tasks=("arc_easy",), repair="bias").validate()
+    with pytest.raises(GispError, match="--repair-at applies .* --method oneshot prunes in one step"):
+        CompileConfig("tiny", 0.3, "o", method="oneshot", repair="lsq", repair_at="step").validate()
+    with pytest.raises(GispError, match="--repair-at applies .* --repair is none"):
+        CompileConfig("tiny", 0.3, "o", repair_at="step").validate()
+    # fewer calibration tokens (2 x 16) than o_proj's 64 input features: the lsq fit is ill-posed, said before scoring
+    with pytest.raises(GispError, match=r"32 tokens \(2 x 16\), fewer than the 64 input features"):
+        _compile(tmp_path, "few", repair="lsq", calib_samples=2)
+    assert not (tmp_path / "few").exists()
+    # a repaired run's materialize needs its calibration data
+    run = _compile(tmp_path, "run", repair="bias")
+    (tmp_path / "calib.txt").unlink()
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+    with pytest.raises(GispError, match="needs the run's calibration data, and its calibration file .* pass --calib"):
+        materialize(str(run.output), None, str(tmp_path / "m"), step=1, loaded=loaded)
+    assert not (tmp_path / "m").exists()
+    assert main(["materialize", str(run.output), "--step", "1", "--output", str(tmp_path / "m"), "--repair",
+                 "none", "--calib", "x.txt"]) == 2
+    assert "--calib is the calibration text of a repair" in capsys.readouterr().err
