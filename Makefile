@@ -67,7 +67,8 @@ $(VENV)/.genai: $(STAMP)
 latency: $(STAMP) $(VENV)/.genai $(RUN)/report.json
 	$(BIN)/python benchmarks/latency.py $(RUN)
 
-# the quality table of the README (methods x sparsities on SmolLM2; 49 min measured from a fresh clone on 2 CPU cores)
+# the quality table of the README (methods x sparsities on SmolLM2; 49 min measured from a fresh clone on 2 idle CPU
+# cores before the pg rows, which add two 30-iteration pg compiles and four scored rows)
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 

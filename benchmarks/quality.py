@@ -57,7 +57,7 @@ def _key(row: dict) -> tuple:
 
 
 def _label(row: dict) -> str:
-    return f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") else row["method"]
+    return f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") is not None else row["method"]
 
 
 def _previous(args) -> tuple[list[dict], float]:
