@@ -109,7 +109,7 @@ def main() -> None:
     names = [v for v in args.variants.split(",") if v]
     configs = {v: variant(v) for v in names}
     grams = None
-    if any(c.needs_calibration for c in configs.values()):
+    if any(c.needs_calibration or c.clip for c in configs.values()):
         t0 = time.process_time()
         calib = lm_windows(loaded.tokenizer, wikitext2_train_text(), args.calib, 128, 0, "wikitext2 train")
         grams = input_grams(loaded.model, calib)

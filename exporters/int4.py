@@ -31,6 +31,7 @@ BITS = 4
 ACCURACY_LEVEL = 4
 MIN_K = 16  # MatMulNBits' smallest reduction dimension
 METHODS = ("rtn", "gptq")
+CALIB_WINDOWS, CALIB_LEN = 64, 128  # gptq's calibration: windows of WikiText-2 train (as `compile` calibrates)
 KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
@@ -246,3 +247,19 @@ def input_grams(model, windows, batch_size: int = 8) -> dict[str, np.ndarray]:
         for h in handles:
             h.remove()
     return {name: g.float().numpy() for name, g in grams.items()}
+
+
+def calibration_grams(model, tokenizer, config: Int4Config, windows=None) -> dict[str, np.ndarray] | None:
+    """The Grams `config` needs (None for rtn without a clip search), from `windows` [n, seq] or from CALIB_WINDOWS
+    windows of WikiText-2 train cut by `tokenizer`."""
+    if not config.needs_calibration and not config.clip:
+        return None
+    if windows is None:
+        if tokenizer is None:
+            raise GispError(f"--quantize int4 ({config.method}, clip {config.clip}) calibrates on WikiText-2 train "
+                            "and needs the model's tokenizer; save the tokenizer with the model, or pass "
+                            "calibration windows")
+        from gisp_fx.datasets import lm_windows, wikitext2_train_text
+
+        windows = lm_windows(tokenizer, wikitext2_train_text(), CALIB_WINDOWS, CALIB_LEN, 0, "WikiText-2 train")
+    return input_grams(model, windows)
