@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/int4")
     ap.add_argument("--output", default="benchmarks/results/int4")
+    ap.add_argument("--ref-ppl", type=float, default=0.0, help="the fp32 export's ppl on these windows, if known")
+    ap.add_argument("--name", default="", help="suffix of the result files (int4_TAG[-NAME].json/.md)")
     args = ap.parse_args()
 
     loaded = load_model(args.model)
@@ -108,23 +110,36 @@ def main() -> None:
         export_model(loaded, folder, with_past=True, overwrite=True, source=args.model)
     names = [v for v in args.variants.split(",") if v]
     configs = {v: variant(v) for v in names}
-    grams = None
-    if any(c.needs_calibration or c.clip for c in configs.values()):
-        t0 = time.process_time()
-        calib = lm_windows(loaded.tokenizer, wikitext2_train_text(), args.calib, 128, 0, "wikitext2 train")
-        grams = input_grams(loaded.model, calib)
-        print(f"calibration Grams: {args.calib} windows, {time.process_time() - t0:.1f} CPU s", flush=True)
+    grams: dict | None = None
+
+    def grams_for(config: Int4Config) -> dict | None:  # computed once, when a variant first needs them; cached
+        nonlocal grams
+        if grams is None and (config.needs_calibration or config.clip):
+            cache = Path(args.runs) / f"grams-{args.tag}-{args.calib}.npz"
+            t0 = time.process_time()
+            if cache.is_file():
+                grams = dict(np.load(cache))
+            else:
+                calib = lm_windows(loaded.tokenizer, wikitext2_train_text(), args.calib, 128, 0, "wikitext2 train")
+                grams = input_grams(loaded.model, calib)
+                np.savez(cache, **grams)
+            print(f"calibration Grams: {args.calib} windows, {time.process_time() - t0:.1f} CPU s", flush=True)
+        return grams
+
     rows = []
     from gisp_fx.exporters.fused import write_fused
 
-    ref = wikitext2_perplexity(OrtCausalLM(folder / "model.onnx", threads=args.threads), loaded.tokenizer,
-                               windows=args.windows, progress=False)
+    if args.ref_ppl:  # the fp32 export's perplexity on the same windows, measured by an earlier sweep
+        ref = type("Ref", (), {"ppl": args.ref_ppl})()
+    else:
+        ref = wikitext2_perplexity(OrtCausalLM(folder / "model.onnx", threads=args.threads), loaded.tokenizer,
+                                   windows=args.windows, progress=False)
     rows.append({"variant": "fp32", "ppl": ref.ppl, "file": "model.onnx"})
-    print(f"fp32: ppl {ref.ppl:.2f} ({ref.subset} windows)", flush=True)
+    print(f"fp32: ppl {ref.ppl:.2f} ({args.windows} windows)", flush=True)
     for name, config in configs.items():
         file = f"model_int4_{name}.onnx"
         t0 = time.process_time()
-        write_fused(loaded.model, folder / file, quantize=config, gqa="pad", grams=grams)
+        write_fused(loaded.model, folder / file, quantize=config, gqa="pad", grams=grams_for(config))
         cpu_s = time.process_time() - t0
         ppl = wikitext2_perplexity(OrtCausalLM(folder / file, threads=args.threads), loaded.tokenizer,
                                    windows=args.windows, progress=False)
@@ -161,11 +176,12 @@ def main() -> None:
 
     import os
 
+    stem = args.tag + (f"-{args.name}" if args.name else "")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": args.model, "windows": args.windows, "calib_windows": args.calib, "threads": args.threads,
            "load_average": os.getloadavg(), "rows": rows}
-    (out / f"int4_{args.tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"int4_{stem}.json").write_text(json.dumps(doc, indent=1))
     base = next((k for k in ("genai:genai-int4", "fp32") if k in timing), None)
     lines = [f"# int4 variants of {args.model}: WikiText-2 perplexity ({args.windows} test windows) and decode",
              "", f"Load average while measured: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores); decode "
@@ -178,8 +194,8 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['ppl']:.2f} | {r.get('vs_fp32', 1.0):.3f} | "
                      f"{t.get('decode_ms', float('nan')):.1f} | {t.get(f'vs_{base}', float('nan')):.2f}x | "
                      f"{r.get('bytes', 0) / 1e6:.0f} |")
-    (out / f"int4_{args.tag}.md").write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/int4_quality.py "
-                                               f"--model {args.model} --tag {args.tag} --windows {args.windows}`\n")
+    (out / f"int4_{stem}.md").write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/int4_quality.py "
+                                               f"--model {args.model} --tag {args.tag} --windows {args.windows} --variants {args.variants}`\n")
     print("\n".join(lines))
 
 

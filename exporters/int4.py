@@ -39,11 +39,11 @@ KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 class Int4Config:
     """How `--quantize int4` writes each linear; `skip` (an ablation knob) leaves those linear kinds fp32."""
 
-    method: str = "rtn"
+    method: str = "gptq"
     block: int = BLOCK
     symmetric: bool = False
     clip: int = 0  # shrunken ranges searched per block (0: the block's min/max)
-    head_bits: int = 4  # the LM head: 4, 8, or 0 (fp32 MatMul)
+    head_bits: int = 8  # the LM head: 4, 8, or 0 (fp32 MatMul)
     accuracy_level: int = ACCURACY_LEVEL
     skip: tuple[str, ...] = field(default_factory=tuple)
     damp: float = 0.01  # gptq: added to the Gram's diagonal, as a fraction of its mean
