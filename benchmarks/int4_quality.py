@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/int4")
     ap.add_argument("--output", default="benchmarks/results/int4")
+    ap.add_argument("--timed", default="", help="variants timed (after --variants) without a perplexity")
+    ap.add_argument("--later", default="", help="variants scored after the timing and genai's perplexity")
     ap.add_argument("--ref-ppl", type=float, default=0.0, help="the fp32 export's ppl on these windows, if known")
     ap.add_argument("--name", default="", help="suffix of the result files (int4_TAG[-NAME].json/.md)")
     args = ap.parse_args()
@@ -109,7 +111,8 @@ def main() -> None:
     if not (folder / META_FILE).is_file():
         export_model(loaded, folder, with_past=True, overwrite=True, source=args.model)
     names = [v for v in args.variants.split(",") if v]
-    configs = {v: variant(v) for v in names}
+    for v in names + args.timed.split(",") + args.later.split(","):
+        v and variant(v)  # a misspelt variant fails now, not after an hour
     grams: dict | None = None
 
     def grams_for(config: Int4Config) -> dict | None:  # computed once, when a variant first needs them; cached
@@ -126,8 +129,38 @@ def main() -> None:
             print(f"calibration Grams: {args.calib} windows, {time.process_time() - t0:.1f} CPU s", flush=True)
         return grams
 
-    rows = []
+    import os
+
     from gisp_fx.exporters.fused import write_fused
+
+    rows: list[dict] = []
+    timing: dict = {}
+    genai = [Path(p) for p in args.genai.split(",") if p and Path(p).is_dir()]
+    stem = args.tag + (f"-{args.name}" if args.name else "")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every row, so an interrupted sweep keeps what it measured
+        base = next((k for k in ("genai:genai-int4", "fp32") if k in timing), None)
+        doc = {"model": args.model, "windows": args.windows, "calib_windows": args.calib, "threads": args.threads,
+               "load_average": os.getloadavg(), "timing_base": base, "rows": rows, "timing": timing}
+        (out / f"int4_{stem}.json").write_text(json.dumps(doc, indent=1))
+        lines = [f"# int4 variants of {args.model}: WikiText-2 perplexity ({args.windows} test windows) and decode",
+                 "", f"Load average when written: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores); "
+                 f"decode ms/token over 32 tokens after a 128-token prompt, median of {args.repeats} interleaved "
+                 f"repeats at {args.threads} threads; the ratio is paired per repeat against {base} (>1: faster).",
+                 "", f"| variant | ppl | vs fp32 export | decode ms | decode vs {base} | file MB |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        seen = [r["variant"] for r in rows] + [k for k in timing if k not in {r["variant"] for r in rows}]
+        by = {r["variant"]: r for r in rows}
+        for v in seen:
+            r, t = by.get(v, {}), timing.get(v, {})
+            ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+            lines.append(f"| {v} | {ppl} | {r['ppl'] / ref.ppl if 'ppl' in r else float('nan'):.3f} | "
+                         f"{t.get('decode_ms', float('nan')):.1f} | {t.get('vs', float('nan')):.2f}x | "
+                         f"{r.get('bytes', 0) / 1e6:.0f} |")
+        (out / f"int4_{stem}.md").write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/int4_quality.py "
+                                            + " ".join(os.sys.argv[1:]) + "`\n")
 
     if args.ref_ppl:  # the fp32 export's perplexity on the same windows, measured by an earlier sweep
         ref = type("Ref", (), {"ppl": args.ref_ppl})()
@@ -136,28 +169,34 @@ def main() -> None:
                                    windows=args.windows, progress=False)
     rows.append({"variant": "fp32", "ppl": ref.ppl, "file": "model.onnx"})
     print(f"fp32: ppl {ref.ppl:.2f} ({args.windows} windows)", flush=True)
-    for name, config in configs.items():
+
+    def export(name: str) -> str:
         file = f"model_int4_{name}.onnx"
-        t0 = time.process_time()
-        write_fused(loaded.model, folder / file, quantize=config, gqa="pad", grams=grams_for(config))
-        cpu_s = time.process_time() - t0
+        if not (folder / file).is_file():
+            t0 = time.process_time()
+            config = variant(name)
+            write_fused(loaded.model, folder / file, quantize=config, gqa="pad", grams=grams_for(config))
+            print(f"{name}: exported in {time.process_time() - t0:.1f} CPU s", flush=True)
+        return file
+
+    def score(name: str) -> None:
+        file = export(name)
         ppl = wikitext2_perplexity(OrtCausalLM(folder / file, threads=args.threads), loaded.tokenizer,
                                    windows=args.windows, progress=False)
+        config = variant(name)
         rows.append({"variant": name, "config": config.__dict__ | {"skip": list(config.skip)}, "ppl": ppl.ppl,
-                     "vs_fp32": ppl.ppl / ref.ppl, "export_cpu_s": cpu_s, "file": file,
+                     "vs_fp32": ppl.ppl / ref.ppl, "file": file,
                      "bytes": sum(p.stat().st_size for p in folder.glob(file + "*"))})
-        print(f"{name}: ppl {ppl.ppl:.2f} ({ppl.ppl / ref.ppl - 1:+.1%}), export {cpu_s:.1f} CPU s", flush=True)
-    genai = [Path(p) for p in args.genai.split(",") if p and Path(p).is_dir()]
-    for g in genai:
-        ppl = wikitext2_perplexity(GenaiLogits(g, args.threads), loaded.tokenizer, windows=args.windows,
-                                   progress=False)
-        rows.append({"variant": f"genai:{g.name}", "ppl": ppl.ppl, "vs_fp32": ppl.ppl / ref.ppl})
-        print(f"genai {g.name}: ppl {ppl.ppl:.2f}", flush=True)
+        print(f"{name}: ppl {ppl.ppl:.2f} ({ppl.ppl / ref.ppl - 1:+.1%})", flush=True)
+        write()
 
-    timing = {}
+    for name in names:
+        score(name)
     if args.repeats:
-        timers = {r["variant"]: OrtTimer(folder / r["file"], "cpu", args.threads, "all") for r in rows
-                  if "file" in r and not r["variant"].startswith("only-")}  # the ablation rows are not timed
+        timed = [r["variant"] for r in rows if "file" in r and not r["variant"].startswith("only-")]
+        timed += [v for v in args.timed.split(",") if v and v not in timed]
+        timers = {v: OrtTimer(folder / ("model.onnx" if v == "fp32" else export(v)), "cpu", args.threads, "all")
+                  for v in timed}
         timers |= {f"genai:{g.name}": GenaiTimer(g, args.threads, "cpu", 256) for g in genai}
         ids = np.random.default_rng(0).integers(100, 40000, (1, 128)).astype(np.int64)
         samples = {k: [] for k in timers}
@@ -170,34 +209,20 @@ def main() -> None:
         base = "genai:genai-int4" if "genai:genai-int4" in samples else "fp32"
         for k, v in samples.items():
             timing[k] = {"decode_ms": statistics.median(v), "samples": v,
-                         f"vs_{base}": statistics.median(b / x for b, x in zip(samples[base], v))}
-        for r in rows:
-            r.update(timing.get(r["variant"], {}))
-
-    import os
-
-    stem = args.tag + (f"-{args.name}" if args.name else "")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"model": args.model, "windows": args.windows, "calib_windows": args.calib, "threads": args.threads,
-           "load_average": os.getloadavg(), "rows": rows}
-    (out / f"int4_{stem}.json").write_text(json.dumps(doc, indent=1))
-    base = next((k for k in ("genai:genai-int4", "fp32") if k in timing), None)
-    lines = [f"# int4 variants of {args.model}: WikiText-2 perplexity ({args.windows} test windows) and decode",
-             "", f"Load average while measured: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores); decode "
-             f"ms/token over 32 tokens after a 128-token prompt, median of {args.repeats} interleaved repeats at "
-             f"{args.threads} threads; the ratio is paired per repeat against {base} (>1: faster).", "",
-             "| variant | ppl | vs fp32 export | decode ms | decode vs " + str(base) + " | weights MB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        t = timing.get(r["variant"], {})
-        lines.append(f"| {r['variant']} | {r['ppl']:.2f} | {r.get('vs_fp32', 1.0):.3f} | "
-                     f"{t.get('decode_ms', float('nan')):.1f} | {t.get(f'vs_{base}', float('nan')):.2f}x | "
-                     f"{r.get('bytes', 0) / 1e6:.0f} |")
-    (out / f"int4_{stem}.md").write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/int4_quality.py "
-                                               f"--model {args.model} --tag {args.tag} --windows {args.windows} --variants {args.variants}`\n")
-    print("\n".join(lines))
-
+                         "vs": statistics.median(b / x for b, x in zip(samples[base], v))}
+        del timers
+        print(f"decode ms: { {k: round(v['decode_ms'], 1) for k, v in timing.items()} }", flush=True)
+        write()
+    for g in genai:
+        ppl = wikitext2_perplexity(GenaiLogits(g, args.threads), loaded.tokenizer, windows=args.windows,
+                                   progress=False)
+        rows.append({"variant": f"genai:{g.name}", "ppl": ppl.ppl, "vs_fp32": ppl.ppl / ref.ppl})
+        print(f"genai {g.name}: ppl {ppl.ppl:.2f}", flush=True)
+        write()
+    for name in [v for v in args.later.split(",") if v]:
+        score(name)
+    write()
+    print((out / f"int4_{stem}.md").read_text())
 
 if __name__ == "__main__":
     main()

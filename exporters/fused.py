@@ -330,6 +330,7 @@ def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = 
     with torch.no_grad():
         proto, shapes = build(model, quantize, gqa, grams)
     path = Path(path)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to an existing weight file
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     if genai_file:  # the same graph and weight file, with a default for logits_positions (genai does not feed it)
