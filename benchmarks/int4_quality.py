@@ -39,8 +39,8 @@ def variant(name: str) -> Int4Config:
     head, *opts = name.split("-")
     if head == "only":  # only-down_proj: that kind int4 (the head int4 when it is lm_head), the rest fp32
         kind = "-".join(opts)
-        return Int4Config(skip=tuple(k for k in ALL_KINDS if k != kind))
-    kw: dict = {"method": head}
+        return Int4Config(method="rtn", head_bits=4, skip=tuple(k for k in ALL_KINDS if k != kind))
+    kw: dict = {"method": head, "head_bits": 4}  # names say every choice: not Int4Config's defaults
     for o in opts:
         if o.startswith("h"):
             kw["head_bits"] = int(o[1:])
