@@ -17,7 +17,7 @@ cache bytes, reported per layer as `kv_index` (graph K/V head -> model K/V head)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -122,12 +122,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _linear(g: _Graph, x: str, weight: np.ndarray, bias: np.ndarray | None, stem: str, quantize) -> str:
-    """x @ weight.T (+ bias); weight [out, in] as nn.Linear stores it. int4: MatMulNBits."""
-    if quantize == "int4":
+def _linear(g: _Graph, x: str, weight: np.ndarray, bias: np.ndarray | None, stem: str, quantize,
+            gram: np.ndarray | None = None) -> str:
+    """x @ weight.T (+ bias); weight [out, in] as nn.Linear stores it. int4 (an Int4Config): MatMulNBits, or a
+    MatMul where the config leaves this linear kind fp32; `gram` [in, in]: its calibration inputs' X^T X."""
+    if quantize is not None:
         from gisp_fx.exporters.int4 import matmul_nbits
 
-        return matmul_nbits(g, x, weight, bias, stem)
+        y = matmul_nbits(g, x, weight, bias, stem, quantize, gram)
+        if y is not None:
+            return y
     y = g.op("MatMul", [x, g.const(stem + ".weight", weight.T)], stem=stem)
     if bias is not None and np.any(bias):
         y = g.op("Add", [y, g.const(stem + ".bias", bias)], stem=stem + "_b")
@@ -146,10 +150,28 @@ def _rows(w: np.ndarray, heads: tuple[int, ...], d: int) -> np.ndarray:
     return np.concatenate([w[h * d:(h + 1) * d] if h >= 0 else np.zeros_like(w[:d]) for h in heads], axis=0)
 
 
-def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
-    """The fused decoder as an onnx.ModelProto, and per layer (None where attention is gone) its AttentionShape."""
+def _gram_heads(gram: np.ndarray | None, heads: tuple[int, ...], d: int) -> np.ndarray | None:
+    """A Gram over the model's attention-output columns -> over the graph's (reordered, zero heads: zero rows)."""
+    if gram is None:
+        return None
+    padded = np.pad(gram, ((0, 1), (0, 1)))
+    zero = gram.shape[0]
+    idx = np.concatenate([np.arange(h * d, (h + 1) * d) if h >= 0 else np.full(d, zero) for h in heads])
+    return padded[np.ix_(idx, idx)]
+
+
+def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np.ndarray] | None = None):
+    """The fused decoder as an onnx.ModelProto, and per layer (None where attention is gone) its AttentionShape.
+    `quantize`: None, or an int4.Int4Config; `grams`: calibration X^T X per input of a linear, by module name
+    (int4.input_grams), for the configs that use them."""
     from onnx import TensorProto, helper
 
+    if quantize == "int4":
+        from gisp_fx.exporters.int4 import Int4Config
+
+        quantize = Int4Config()
+    names = {m: n for n, m in model.named_modules()}
+    gram_of = (lambda module: grams.get(names[module]) if grams else None)
     base = _check_family(model)
     cfg = model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -225,7 +247,7 @@ def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
                 b = np.concatenate([_rows(_np(attn.q_proj.bias), s.query_order, d),
                                     _rows(_np(attn.k_proj.bias), s.kv_index, d),
                                     _rows(_np(attn.v_proj.bias), s.kv_index, d)])
-            qkv = _linear(g, x, w, b, f"layers.{i}.qkv_proj", quantize)
+            qkv = _linear(g, x, w, b, f"layers.{i}.qkv_proj", quantize, gram_of(attn.q_proj))
             nq, nkv = s.num_heads * d, s.kv_heads * d
             q, k, v = g.op("Split", [qkv, g.const("split", np.array([nq, nkv, nkv], np.int64))], n_out=3, axis=-1)
             q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=s.num_heads,
@@ -247,18 +269,21 @@ def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
             wo = np.concatenate([wo[:, h * d:(h + 1) * d] if h >= 0 else np.zeros_like(wo[:, :d])
                                  for h in s.query_order], axis=1)
             bo = _np(attn.o_proj.bias) if attn.o_proj.bias is not None else None
-            pending[0] = _linear(g, out, wo, bo, f"layers.{i}.o_proj", quantize)
+            pending[0] = _linear(g, out, wo, bo, f"layers.{i}.o_proj", quantize,
+                                 _gram_heads(gram_of(attn.o_proj), s.query_order, d))
         else:
             shapes.append(None)
             empty(attn)
         if hasattr(mlp, "gate_proj"):
             x = norm(layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
             bias_of = (lambda lin: _np(lin.bias) if lin.bias is not None else None)
-            gate = _linear(g, x, _np(mlp.gate_proj.weight), bias_of(mlp.gate_proj), f"layers.{i}.gate_proj", quantize)
-            up = _linear(g, x, _np(mlp.up_proj.weight), bias_of(mlp.up_proj), f"layers.{i}.up_proj", quantize)
+            gate = _linear(g, x, _np(mlp.gate_proj.weight), bias_of(mlp.gate_proj), f"layers.{i}.gate_proj", quantize,
+                           gram_of(mlp.gate_proj))
+            up = _linear(g, x, _np(mlp.up_proj.weight), bias_of(mlp.up_proj), f"layers.{i}.up_proj", quantize,
+                         gram_of(mlp.gate_proj))
             act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])
             pending[0] = _linear(g, act, _np(mlp.down_proj.weight), bias_of(mlp.down_proj),
-                                 f"layers.{i}.down_proj", quantize)
+                                 f"layers.{i}.down_proj", quantize, gram_of(mlp.down_proj))
         else:
             empty(mlp)
 
@@ -281,7 +306,7 @@ def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
     x = norm(base.norm, "norm")
     head = model.get_output_embeddings()
     head_bias = _np(head.bias) if getattr(head, "bias", None) is not None else None
-    logits = _linear(g, x, _np(head.weight), head_bias, "lm_head", quantize)
+    logits = _linear(g, x, _np(head.weight), head_bias, "lm_head", quantize, gram_of(head))
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(g.nodes, "gisp_fused_decoder", inputs, outputs, g.inits)
@@ -291,8 +316,8 @@ def build(model: nn.Module, quantize: str | None = None, gqa: str = "pad"):
     return proto, tuple(shapes)
 
 
-def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file: str | None = None,
-                gqa: str = "pad"):
+def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = None,
+                gqa: str = "pad", grams: dict[str, np.ndarray] | None = None):
     """Build and save the fused graph at `path` (+ `path`.data); returns (model's CacheLayout, seconds, report)."""
     import time
     from pathlib import Path
@@ -303,8 +328,9 @@ def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file:
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        proto, shapes = build(model, quantize, gqa)
+        proto, shapes = build(model, quantize, gqa, grams)
     path = Path(path)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to an existing weight file
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     if genai_file:  # the same graph and weight file, with a default for logits_positions (genai does not feed it)
@@ -325,6 +351,7 @@ def write_fused(model: nn.Module, path, quantize: str | None = None, genai_file:
               "query_order": {str(i): list(s.query_order) for i, s in kept},
               "graph_kv_heads": [s.kv_heads for _, s in kept], "num_heads": [s.num_heads for _, s in kept],
               "cache_bytes_per_token": graph_bytes, "model_cache_bytes_per_token": model_bytes,
-              "nodes": len(proto.graph.node), "quantize": quantize, "gqa": gqa,
+              "nodes": len(proto.graph.node), "gqa": gqa,
+              "quantize": quantize if quantize is None or isinstance(quantize, str) else asdict(quantize),
               "zero_query_heads": sum(s.query_order.count(-1) for _, s in kept)}
     return layout, seconds, report

@@ -297,8 +297,10 @@ def _as_fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
                  quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 graph: str | None = None, gqa: str = "pad") -> OnnxExport:
-    """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity."""
+                 graph: str | None = None, gqa: str = "pad", int4=None, calibration=None) -> OnnxExport:
+    """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity.
+    `int4`: an int4.Int4Config (default: Int4Config()); `calibration`: token windows [n, seq] for the configs that
+    calibrate (default: int4.CALIB_WINDOWS windows of WikiText-2 train through the model's tokenizer)."""
     import onnx
 
     from gisp_fx.loading import param_counts
@@ -313,6 +315,12 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
     if quantize == "int4" and graph != "fused":
         raise GispError("--quantize int4 writes MatMulNBits into the fused graph; it needs --graph fused "
                         f"(this export is --graph {graph})")
+    grams = None
+    if quantize == "int4":
+        from gisp_fx.exporters.int4 import Int4Config, calibration_grams
+
+        int4 = int4 or Int4Config()
+        grams = calibration_grams(model, loaded.tokenizer, int4, calibration)  # before anything is written
     from gisp_fx.save import staged_dir
 
     with staged_dir(out) as tmp:
@@ -354,9 +362,9 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if quantize == "int4":
             from gisp_fx.exporters.fused import write_fused
 
-            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize="int4", gqa=gqa)
+            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize=int4, gqa=gqa, grams=grams)
             q = parity(model, layout, tmp / INT4_FILE, kv_index=kv_index)  # expected to differ: reported
-            meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds}
+            meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds, "config": asdict(int4)}
         if loaded.tokenizer is not None:
             from gisp_fx.save import save_tokenizer
 
