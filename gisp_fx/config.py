@@ -46,9 +46,10 @@ class CompileConfig:
     pg_groups: str = "kv"
     pg_budget: str = "params"
     pg_penalty: float = 0.0
-    checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
+    checkpoint: bool = True  # activation checkpointing of the decoder layers while scoring (--no-checkpoint: off)
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # the weights' dtype: float32 | bfloat16 | float16 (gradients summed in fp32)
+    shard: bool = False  # score on an FSDP2 copy whose decoder layers are sharded across the torchrun processes
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -104,6 +105,9 @@ class CompileConfig:
         pg = sorted(name for name in given if name.startswith("pg_"))
         if pg and method != "pg":
             out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")
+        if "shard" in given and (method not in GRADIENT_METHODS or self.objective != "ppl"):
+            out.append(f"--shard shards the gradients of the ppl objective; --method {method} with --objective "
+                       f"{self.objective} takes none to shard")
         if method in CALIBRATION_FREE:
             for name in ("calib", "calib_samples", "seq_len", "batch_size"):
                 if name in given:

@@ -183,10 +183,15 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
 
     from gisp_fx.device import resolve
     from gisp_fx.distributed import join_
+    from gisp_fx.memory import lean_heap_
+    from gisp_fx.sharded import require_world
 
     config.validate()
+    lean_heap_()
     rank, world, device_spec = join_(config.device)
     device, dtype = resolve(device_spec, config.dtype)
+    if config.shard:
+        require_world(world)
     if world > 1 and resume:
         raise GispError("--resume: an unfinished run is resumed in one process; drop --nproc / torchrun to resume")
     if rank != 0:  # the same computation as rank 0, written to a scratch folder removed at exit
@@ -382,6 +387,11 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
         if not isinstance(calib, LmCalibration):
             raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
         return wanda_sp_scores(model, plan, calib, progress)
+    if config.shard:
+        from gisp_fx.sharded import sharded_score
+
+        return sharded_score(model, plan, calib, progress=progress, desc=f"step {step} gradients",
+                             checkpoint=config.checkpoint, device=next(model.parameters()).device)
     return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
 
 

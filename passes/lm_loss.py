@@ -116,12 +116,12 @@ def checkpointed(model: nn.Module, enabled: bool = True):
     """Activation checkpointing of every decoder layer for the duration: each layer's activations are
     recomputed in backward instead of kept (about one more forward of compute; independent of train/eval mode,
     unlike transformers' gradient_checkpointing_enable, which only acts in training mode)."""
-    layers = getattr(model.base_model, "layers", None) if enabled else None
     if not enabled:
         yield
         return
-    if layers is None:
-        raise GispError(f"--checkpoint: {type(model).__name__} has no decoder `layers` list to checkpoint")
+    from gisp_fx.passes.capture import decoder_layers
+
+    layers = [model.get_submodule(name) for name in decoder_layers(model)]
     originals = [layer.forward for layer in layers]
     try:
         for layer, forward in zip(layers, originals):

@@ -18,21 +18,29 @@ from gisp_fx.passes.select import Normalize, rank, select
 from gisp_fx.pipeline import analyse
 
 
-def _scores(windows: int):
+def _scores(windows: int, shard: bool = False, checkpoint: bool = False):
     model = tiny_model("llama-gqa")
     plan = analyse(model)
-    scores = score(model, plan, LmCalibration(tokens(windows, 12, seed=4), batch_size=3), progress=False)
+    calib = LmCalibration(tokens(windows, 12, seed=4), batch_size=3)
+    if shard:
+        from gisp_fx.sharded import sharded_score
+
+        scores = sharded_score(model, plan, calib, progress=False, desc="g", checkpoint=checkpoint,
+                               device=torch.device("cpu"))
+    else:
+        scores = score(model, plan, calib, progress=False, checkpoint=checkpoint)
     ranked = rank(plan, scores, Normalize.REFERENCE, plan, frozenset())
     removed = select(plan, ranked, None, math.ceil(0.3 * plan.decoder_params)).removed
     return scores, removed
 
 
-def _worker(rank: int, world: int, init: str, windows: int, out: str) -> None:
+def _worker(rank: int, world: int, init: str, windows: int, out: str, shard: bool = False,
+            checkpoint: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         try:
-            scores, removed = _scores(windows)
+            scores, removed = _scores(windows, shard, checkpoint)
             result = {"heads": scores.heads, "channels": scores.channels, "loss": scores.loss, "removed": removed}
         except GispError as exc:
             result = {"error": str(exc)}
@@ -41,15 +49,19 @@ def _worker(rank: int, world: int, init: str, windows: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, windows: int, world: int = 2) -> list[dict]:
+def _spawn(tmp_path, windows: int, world: int = 2, shard: bool = False, checkpoint: bool = False) -> list[dict]:
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(world, init, windows, str(tmp_path / "out")), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init, windows, str(tmp_path / "out"), shard, checkpoint), nprocs=world, join=True)
     return [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in range(world)]
 
 
-def test_two_processes_give_the_scores_and_removals_of_one(tmp_path):
+@pytest.mark.parametrize("shard,checkpoint", [(False, False), (True, False), (True, True)],
+                         ids=["replicated", "shard", "shard+checkpoint"])
+def test_two_processes_give_the_scores_and_removals_of_one(tmp_path, shard, checkpoint):
+    """--shard: the decoder layers are FSDP2 units holding half the rows each; the gathered scores are still
+    those of one process."""
     single, removed = _scores(7)  # 7 windows: ranks get 4 and 3, in batches of 3 (uneven on purpose)
-    results = _spawn(tmp_path, 7)
+    results = _spawn(tmp_path, 7, shard=shard, checkpoint=checkpoint)
     for r in results:
         assert r["removed"] == removed
         assert r["loss"] == pytest.approx(single.loss, rel=1e-6)
