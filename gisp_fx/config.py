@@ -143,5 +143,5 @@ class CompileConfig:
 
     def same_run(self, other: "CompileConfig") -> list[str]:
         """The settings that differ and would change the trajectory (output/eval settings do not)."""
-        ignore = {"output", "eval_windows", "checkpoint"}  # checkpointing recomputes the same numbers
+        ignore = {"output", "eval_windows", "checkpoint", "shard"}  # the same sums, recomputed or sharded
         return [f.name for f in fields(self) if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]

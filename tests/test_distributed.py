@@ -77,23 +77,67 @@ def test_more_processes_than_windows_is_refused(tmp_path):
     assert all("2 processes but only 1 calibration windows" in r["error"] for r in results)
 
 
-def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, capsys):
-    """`gisp-fx compile --nproc 2` launches torchrun (gloo); rank 0 alone writes, and the run removes what a
-    single-process run removes."""
+COMMON = ["--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-len", "16", "--batch-size", "2",
+          "--eval-windows", "2", "--protect", "none"]
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard"])
+def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, shard):
+    """`gisp-fx compile --nproc 2 [--shard]` launches torchrun (gloo); rank 0 alone writes, and the run removes
+    what a single-process run removes."""
     import json
     import sys
 
     from gisp_fx.cli import main
 
     path = tiny_folder("llama-gqa")
-    common = ["compile", path, "--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-len", "16",
-              "--batch-size", "2", "--eval-windows", "2", "--protect", "none"]
+    common = ["compile", path, *COMMON]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output", str(one)]) == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(sys, "argv", ["gisp-fx", *common, "--output", str(two), "--nproc", "2"])
-    assert main(sys.argv[1:]) == 0
+    argv = [*common, "--output", str(two), "--nproc", "2", *(["--shard"] if shard else [])]
+    monkeypatch.setattr(sys, "argv", ["gisp-fx", *argv])
+    assert main(argv) == 0
     steps = [json.loads((d / "trajectory" / "trajectory.json").read_text())["steps"] for d in (one, two)]
     assert [s["removed"] for s in steps[0]] == [s["removed"] for s in steps[1]]
     assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
     assert not list(tmp_path.glob("two.partial")) and (two / "report.json").is_file()
+
+
+def test_a_rank_that_dies_while_scoring_is_one_error_and_no_output(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Rank 1 exits in the middle of scoring (a sitecustomize on its PYTHONPATH replaces the gradient loop with
+    os._exit): torchrun stops rank 0, the launcher reports one GispError naming --nproc, and neither OUTPUT nor
+    OUTPUT.partial (which rank 0 had begun) is left behind."""
+    import os
+    import sys
+
+    from gisp_fx.cli import main
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import gisp_fx.passes.importance as importance\n"
+        "    importance._accumulate = lambda *args, **kwargs: os._exit(7)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    argv = ["compile", tiny_folder("llama-gqa"), *COMMON, "--output", str(out), "--nproc", "2"]
+    monkeypatch.setattr(sys, "argv", ["gisp-fx", *argv])
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gisp-fx compile: error:")]
+    assert len(errors) == 1 and "--nproc 2: a process exited with status" in errors[0]
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_shard_in_one_process_is_refused(tiny_folder, tmp_path, capsys):
+    from gisp_fx.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compile", tiny_folder("llama-gqa"), *COMMON, "--output", str(out), "--shard"]) == 2
+    err = capsys.readouterr().err
+    assert "--shard: shards the decoder layers across processes, but this run has one" in err and not out.exists()
+    assert main(["compile", tiny_folder("llama-gqa"), "--sparsity", "0.3", "--method", "magnitude", "--output",
+                 str(out), "--shard"]) == 2
+    assert "--shard shards the gradients of the ppl objective; --method magnitude" in capsys.readouterr().err
