@@ -26,11 +26,17 @@ def join_(device: str) -> tuple[int, int, str]:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    device = rank_device(device)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
     return rank, world, device
+
+
+def rank_device(device: str) -> str:
+    """This process's device for --device `device`: plain 'cuda' is cuda:LOCAL_RANK under torchrun."""
+    if device == "cuda" and world_from_env()[1] > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', world_from_env()[0])}"
+    return device
 
 
 def launch(nproc: int, argv: list[str], output: str | None = None) -> None:

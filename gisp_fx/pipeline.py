@@ -205,8 +205,9 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     final, partial = _prepare_output(config, overwrite, resume, discard_partial)
     traj_dir = partial / TRAJECTORY_DIR
     resumed = _resumable(traj_dir, config, partial) if resume else None  # checked before any model is loaded
-    loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))
-    model, tokenizer = loaded.model.to(device=device, dtype=dtype), loaded.tokenizer
+    home = torch.device("cpu") if config.shard else device  # --shard: the full model stays in host memory
+    loaded = loaded or load_model(config.model, dtype=dtype, device=str(home))
+    model, tokenizer = loaded.model.to(device=home, dtype=dtype), loaded.tokenizer
     plan0 = analyse(model)
     _free_memory()  # the load's and the capture's temporaries, before scoring stacks on them
     protect = parse_protect(config.protect, len(plan0.layers))
@@ -388,10 +389,11 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
             raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
         return wanda_sp_scores(model, plan, calib, progress)
     if config.shard:
+        from gisp_fx.distributed import rank_device
         from gisp_fx.sharded import sharded_score
 
         return sharded_score(model, plan, calib, progress=progress, desc=f"step {step} gradients",
-                             checkpoint=config.checkpoint, device=next(model.parameters()).device)
+                             checkpoint=config.checkpoint, device=torch.device(rank_device(config.device)))
     return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
 
 

@@ -49,6 +49,10 @@ def sharded_replica(model: nn.Module, device: torch.device) -> nn.Module:
         else:  # the same tensor where it already lives on `device`: no copy of the embeddings
             memo[id(p)] = p if p.device == device else nn.Parameter(p.detach().to(device), requires_grad=False)
     replica = copy.deepcopy(model, memo)
+    for module in replica.modules():  # buffers (rotary frequencies) where the replica runs
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
     mesh = init_device_mesh(device.type, (world,))
     outside = {p for p in replica.parameters() if not p.is_meta}
     for n in names:
