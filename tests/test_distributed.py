@@ -141,3 +141,14 @@ def test_shard_in_one_process_is_refused(tiny_folder, tmp_path, capsys):
     assert main(["compile", tiny_folder("llama-gqa"), "--sparsity", "0.3", "--method", "magnitude", "--output",
                  str(out), "--shard"]) == 2
     assert "--shard shards the gradients of the ppl objective; --method magnitude" in capsys.readouterr().err
+
+
+def test_checkpointing_is_on_by_default_and_no_checkpoint_turns_it_off():
+    from gisp_fx.cli import build_parser
+    from gisp_fx.config import CompileConfig
+
+    parse = build_parser().parse_args
+    assert parse(["compile", "m", "--sparsity", "0.5"]).checkpoint is True
+    assert parse(["compile", "m", "--sparsity", "0.5", "--no-checkpoint"]).checkpoint is False
+    assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint"]).checkpoint is True
+    assert CompileConfig("m", 0.5, "out").checkpoint is True and CompileConfig("m", 0.5, "out").shard is False
