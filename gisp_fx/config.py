@@ -48,12 +48,13 @@ class CompileConfig:
     pg_groups: str = "kv"
     pg_budget: str = "params"
     pg_penalty: float = 0.0
-    checkpoint: bool = False  # activation checkpointing of the decoder layers while scoring (less memory)
+    checkpoint: bool = True  # activation checkpointing of the decoder layers while scoring (--no-checkpoint: off)
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # the weights' dtype: float32 | bfloat16 | float16 (gradients summed in fp32)
     # repair of the consumer linears (passes/repair.py): none | bias | lsq, after every step or once at the end
     repair: str = "none"
     repair_at: str = "end"
+    shard: bool = False  # score on an FSDP2 copy whose decoder layers are sharded across the torchrun processes
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -120,6 +121,9 @@ class CompileConfig:
         pg = sorted(name for name in given if name.startswith("pg_"))
         if pg and method != "pg":
             out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")
+        if "shard" in given and (method not in GRADIENT_METHODS or self.objective != "ppl"):
+            out.append(f"--shard shards the gradients of the ppl objective; --method {method} with --objective "
+                       f"{self.objective} takes none to shard")
         if method in CALIBRATION_FREE:
             for name in ("calib", "calib_samples", "seq_len", "batch_size"):
                 if name in given:
@@ -160,5 +164,5 @@ class CompileConfig:
 
     def same_run(self, other: "CompileConfig") -> list[str]:
         """The settings that differ and would change the trajectory (output/eval settings do not)."""
-        ignore = {"output", "eval_windows", "checkpoint"}  # checkpointing recomputes the same numbers
+        ignore = {"output", "eval_windows", "checkpoint", "shard"}  # the same sums, recomputed or sharded
         return [f.name for f in fields(self) if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from gisp_fx.errors import GispError
 
@@ -24,22 +26,33 @@ def join_(device: str) -> tuple[int, int, str]:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    device = rank_device(device)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
     return rank, world, device
 
 
-def launch(nproc: int, argv: list[str]) -> None:
+def rank_device(device: str) -> str:
+    """This process's device for --device `device`: plain 'cuda' is cuda:LOCAL_RANK under torchrun."""
+    if device == "cuda" and world_from_env()[1] > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', world_from_env()[0])}"
+    return device
+
+
+def launch(nproc: int, argv: list[str], output: str | None = None) -> None:
     """Run `gisp-fx <argv>` in `nproc` processes under torchrun (one machine) and wait; a failed rank is a
-    GispError after torchrun has stopped the others."""
+    GispError after torchrun has stopped the others, and the unfinished OUTPUT.partial folder that rank 0 began
+    (killed by torchrun, it cannot clean up itself) is removed: a run of many processes is never resumed."""
     if nproc < 1:
         raise GispError(f"--nproc must be at least 1, got {nproc}")
+    partial = Path(output).with_name(Path(output).name + ".partial") if output else None
+    existed = partial is not None and partial.exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "gisp_fx", *argv]
     code = subprocess.call(cmd)
     if code != 0:
+        if partial is not None and not existed and partial.exists():
+            shutil.rmtree(partial)
         raise GispError(f"--nproc {nproc}: a process exited with status {code} (its error is printed above); "
                         "torchrun stopped the others and no --output was written")
 

@@ -183,10 +183,15 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
 
     from gisp_fx.device import resolve
     from gisp_fx.distributed import join_
+    from gisp_fx.memory import lean_heap_
+    from gisp_fx.sharded import require_world
 
     config.validate()
+    lean_heap_()
     rank, world, device_spec = join_(config.device)
     device, dtype = resolve(device_spec, config.dtype)
+    if config.shard:
+        require_world(world)
     if world > 1 and resume:
         raise GispError("--resume: an unfinished run is resumed in one process; drop --nproc / torchrun to resume")
     if rank != 0:  # the same computation as rank 0, written to a scratch folder removed at exit
@@ -200,8 +205,9 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     final, partial = _prepare_output(config, overwrite, resume, discard_partial)
     traj_dir = partial / TRAJECTORY_DIR
     resumed = _resumable(traj_dir, config, partial) if resume else None  # checked before any model is loaded
-    loaded = loaded or load_model(config.model, dtype=dtype, device=str(device))
-    model, tokenizer = loaded.model.to(device=device, dtype=dtype), loaded.tokenizer
+    home = torch.device("cpu") if config.shard else device  # --shard: the full model stays in host memory
+    loaded = loaded or load_model(config.model, dtype=dtype, device=str(home))
+    model, tokenizer = loaded.model.to(device=home, dtype=dtype), loaded.tokenizer
     plan0 = analyse(model)
     _free_memory()  # the load's and the capture's temporaries, before scoring stacks on them
     protect = parse_protect(config.protect, len(plan0.layers))
@@ -399,6 +405,12 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
         if not isinstance(calib, LmCalibration):
             raise GispError("--method wanda-sp needs language-model calibration windows (the ppl objective)")
         return wanda_sp_scores(model, plan, calib, progress)
+    if config.shard:
+        from gisp_fx.distributed import rank_device
+        from gisp_fx.sharded import sharded_score
+
+        return sharded_score(model, plan, calib, progress=progress, desc=f"step {step} gradients",
+                             checkpoint=config.checkpoint, device=torch.device(rank_device(config.device)))
     return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
 
 

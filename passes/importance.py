@@ -87,7 +87,7 @@ def _option_losses(model: nn.Module, batch: list[McSequence], pad_id: int, devic
         mask[i, :n] = 1
         target[i, n - s.option_tokens : n] = True
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     t = target[:, 1:].float()
     return (nll * t).sum(1) / t.sum(1)
@@ -124,17 +124,19 @@ def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[s
 
 def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
                       desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False,
-                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
+                      even_batches: bool = False) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
     """gbar per prunable linear (weight, bias): (1/N) sum_b (loss_b * size_b)'; margin: g_pos - g_neg.
 
     The LM objective's loss goes through the head in chunks of `loss_chunk` logits (0: the model's own loss on
     full logits); `checkpoint` recomputes each decoder layer's activations in backward instead of keeping them.
+    `even_batches` (FSDP: every forward and backward is a collective of all ranks): a rank with fewer windows than
+    the first runs its last batch again, weighted 0, until it has run as many batches as the first.
     """
     with checkpointed(model, checkpoint):
-        return _average_gradients(model, plan, calib, progress, desc, loss_chunk)
+        return _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches)
 
 
-def _average_gradients(model, plan, calib, progress, desc, loss_chunk):
+def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches=False):
     linears = _prunable_linears(model, plan)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -153,6 +155,9 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk):
                 check_head_(model, ids.to(device))
             work = [(lambda b=ids[i : i + calib.batch_size].to(device): (chunked_lm_loss(model, b, loss_chunk), len(b)))
                     for i in range(0, len(ids), calib.batch_size)]
+            most = math.ceil(len(_my_share(calib.input_ids, 0)) / calib.batch_size)  # the first rank's batches
+            last = ids[-calib.batch_size :].to(device)
+            work += [lambda: (chunked_lm_loss(model, last, loss_chunk), 0)] * (most - len(work) if even_batches else 0)
             grads, loss, n = _all_reduced(*_accumulate(model, linears, work, desc, progress))
             return _scaled(grads, 1.0 / n), loss / n
         if isinstance(calib, CustomCalibration):
@@ -192,9 +197,10 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _my_share(ids: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous share of the calibration windows (all of them in one process)."""
-    rank, world = _world()
+def _my_share(ids: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """This rank's (or `rank`'s) contiguous share of the calibration windows (all of them in one process)."""
+    mine, world = _world()
+    rank = mine if rank is None else rank
     if world == 1:
         return ids
     if len(ids) < world:
@@ -211,9 +217,11 @@ def _all_reduced(grads, total_loss: float, total_n: int):
         return grads, total_loss, total_n
     import torch.distributed as dist
 
+    from torch.distributed.tensor import DTensor
+
     for w, b in grads.values():
         for t in (w, b):
-            if t is not None:
+            if t is not None and not isinstance(t, DTensor):  # --shard: FSDP2 has reduce-scattered its shards
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
     totals = torch.tensor([total_loss, float(total_n)], dtype=torch.float64,
                           device=next(iter(grads.values()))[0].device)
@@ -239,12 +247,24 @@ def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float) 
     with torch.no_grad():
         for name, (gw, gb) in grads.items():
             lin = model.get_submodule(name)
-            elem = (lin.weight * gw).abs().double()
-            rows = elem.sum(1)
-            if gb is not None:
-                rows = rows + (lin.bias * gb).abs().double()
+            rows, cols = axis_sums(lin.weight, lin.bias, gw, gb)
             per_axis[(name, Axis.ROWS)] = rows.cpu().numpy()
-            per_axis[(name, Axis.COLS)] = elem.sum(0).cpu().numpy()
+            per_axis[(name, Axis.COLS)] = cols.cpu().numpy()
+    return scores_from_axis_sums(plan, per_axis, loss)
+
+
+def axis_sums(weight: torch.Tensor, bias: torch.Tensor | None, gw: torch.Tensor, gb: torch.Tensor | None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 sums of |w * g| over each row (with the row's |b * g_b|) and over each column of one linear."""
+    elem = (weight * gw).abs().double()
+    rows = elem.sum(1)
+    if gb is not None:
+        rows = rows + (bias * gb).abs().double()
+    return rows, elem.sum(0)
+
+
+def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.ndarray], loss: float) -> Scores:
+    """Per-linear row and column sums of |w * g| -> each group's sum over its rows and columns."""
 
     def block_scores(members, count):
         total = np.zeros(count)

@@ -18,21 +18,29 @@ from gisp_fx.passes.select import Normalize, rank, select
 from gisp_fx.pipeline import analyse
 
 
-def _scores(windows: int):
+def _scores(windows: int, shard: bool = False, checkpoint: bool = False):
     model = tiny_model("llama-gqa")
     plan = analyse(model)
-    scores = score(model, plan, LmCalibration(tokens(windows, 12, seed=4), batch_size=3), progress=False)
+    calib = LmCalibration(tokens(windows, 12, seed=4), batch_size=3)
+    if shard:
+        from gisp_fx.sharded import sharded_score
+
+        scores = sharded_score(model, plan, calib, progress=False, desc="g", checkpoint=checkpoint,
+                               device=torch.device("cpu"))
+    else:
+        scores = score(model, plan, calib, progress=False, checkpoint=checkpoint)
     ranked = rank(plan, scores, Normalize.REFERENCE, plan, frozenset())
     removed = select(plan, ranked, None, math.ceil(0.3 * plan.decoder_params)).removed
     return scores, removed
 
 
-def _worker(rank: int, world: int, init: str, windows: int, out: str) -> None:
+def _worker(rank: int, world: int, init: str, windows: int, out: str, shard: bool = False,
+            checkpoint: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         try:
-            scores, removed = _scores(windows)
+            scores, removed = _scores(windows, shard, checkpoint)
             result = {"heads": scores.heads, "channels": scores.channels, "loss": scores.loss, "removed": removed}
         except GispError as exc:
             result = {"error": str(exc)}
@@ -41,15 +49,19 @@ def _worker(rank: int, world: int, init: str, windows: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, windows: int, world: int = 2) -> list[dict]:
+def _spawn(tmp_path, windows: int, world: int = 2, shard: bool = False, checkpoint: bool = False) -> list[dict]:
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(world, init, windows, str(tmp_path / "out")), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init, windows, str(tmp_path / "out"), shard, checkpoint), nprocs=world, join=True)
     return [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in range(world)]
 
 
-def test_two_processes_give_the_scores_and_removals_of_one(tmp_path):
+@pytest.mark.parametrize("shard,checkpoint", [(False, False), (True, False), (True, True)],
+                         ids=["replicated", "shard", "shard+checkpoint"])
+def test_two_processes_give_the_scores_and_removals_of_one(tmp_path, shard, checkpoint):
+    """--shard: the decoder layers are FSDP2 units holding half the rows each; the gathered scores are still
+    those of one process."""
     single, removed = _scores(7)  # 7 windows: ranks get 4 and 3, in batches of 3 (uneven on purpose)
-    results = _spawn(tmp_path, 7)
+    results = _spawn(tmp_path, 7, shard=shard, checkpoint=checkpoint)
     for r in results:
         assert r["removed"] == removed
         assert r["loss"] == pytest.approx(single.loss, rel=1e-6)
@@ -65,23 +77,78 @@ def test_more_processes_than_windows_is_refused(tmp_path):
     assert all("2 processes but only 1 calibration windows" in r["error"] for r in results)
 
 
-def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, capsys):
-    """`gisp-fx compile --nproc 2` launches torchrun (gloo); rank 0 alone writes, and the run removes what a
-    single-process run removes."""
+COMMON = ["--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-len", "16", "--batch-size", "2",
+          "--eval-windows", "2", "--protect", "none"]
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard"])
+def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, shard):
+    """`gisp-fx compile --nproc 2 [--shard]` launches torchrun (gloo); rank 0 alone writes, and the run removes
+    what a single-process run removes."""
     import json
     import sys
 
     from gisp_fx.cli import main
 
     path = tiny_folder("llama-gqa")
-    common = ["compile", path, "--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-len", "16",
-              "--batch-size", "2", "--eval-windows", "2", "--protect", "none"]
+    common = ["compile", path, *COMMON]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output", str(one)]) == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(sys, "argv", ["gisp-fx", *common, "--output", str(two), "--nproc", "2"])
-    assert main(sys.argv[1:]) == 0
+    argv = [*common, "--output", str(two), "--nproc", "2", *(["--shard"] if shard else [])]
+    monkeypatch.setattr(sys, "argv", ["gisp-fx", *argv])
+    assert main(argv) == 0
     steps = [json.loads((d / "trajectory" / "trajectory.json").read_text())["steps"] for d in (one, two)]
     assert [s["removed"] for s in steps[0]] == [s["removed"] for s in steps[1]]
     assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
     assert not list(tmp_path.glob("two.partial")) and (two / "report.json").is_file()
+
+
+def test_a_rank_that_dies_while_scoring_is_one_error_and_no_output(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Rank 1 exits in the middle of scoring (a sitecustomize on its PYTHONPATH replaces the gradient loop with
+    os._exit): torchrun stops rank 0, the launcher reports one GispError naming --nproc, and neither OUTPUT nor
+    OUTPUT.partial (which rank 0 had begun) is left behind."""
+    import os
+    import sys
+
+    from gisp_fx.cli import main
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import gisp_fx.passes.importance as importance\n"
+        "    importance._accumulate = lambda *args, **kwargs: os._exit(7)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    argv = ["compile", tiny_folder("llama-gqa"), *COMMON, "--output", str(out), "--nproc", "2"]
+    monkeypatch.setattr(sys, "argv", ["gisp-fx", *argv])
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gisp-fx compile: error:")]
+    assert len(errors) == 1 and "--nproc 2: a process exited with status" in errors[0]
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_shard_in_one_process_is_refused(tiny_folder, tmp_path, capsys):
+    from gisp_fx.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compile", tiny_folder("llama-gqa"), *COMMON, "--output", str(out), "--shard"]) == 2
+    err = capsys.readouterr().err
+    assert "--shard: shards the decoder layers across processes, but this run has one" in err and not out.exists()
+    assert main(["compile", tiny_folder("llama-gqa"), "--sparsity", "0.3", "--method", "magnitude", "--output",
+                 str(out), "--shard"]) == 2
+    assert "--shard shards the gradients of the ppl objective; --method magnitude" in capsys.readouterr().err
+
+
+def test_checkpointing_is_on_by_default_and_no_checkpoint_turns_it_off():
+    from gisp_fx.cli import build_parser
+    from gisp_fx.config import CompileConfig
+
+    parse = build_parser().parse_args
+    assert parse(["compile", "m", "--sparsity", "0.5"]).checkpoint is True
+    assert parse(["compile", "m", "--sparsity", "0.5", "--no-checkpoint"]).checkpoint is False
+    assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint"]).checkpoint is True
+    assert CompileConfig("m", 0.5, "out").checkpoint is True and CompileConfig("m", 0.5, "out").shard is False
