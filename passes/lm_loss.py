@@ -125,11 +125,17 @@ def checkpointed(model: nn.Module, enabled: bool = True):
 
     layers = [model.get_submodule(name) for name in decoder_layers(model)]
     originals = [layer.forward for layer in layers]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     try:
+        if config is not None:  # a cache filled in forward would be filled again by the recomputation
+            config.use_cache = False
         for layer, forward in zip(layers, originals):
             layer.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(forward)
         yield
     finally:
+        if config is not None:
+            config.use_cache = use_cache
         for layer in layers:
             del layer.forward  # the instance attribute: the class's forward shows through again
 
