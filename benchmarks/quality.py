@@ -11,6 +11,10 @@ once per sparsity of `--pg-sparsities` and per iteration budget of `--pg-iters` 
 on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiText-2 windows.
 
     python benchmarks/quality.py --append --methods pg --pg-iters 200 --sparsities 0.5   # add rows to the table
+    python benchmarks/quality.py --append --methods gisp+lsq,wanda-sp+lsq   # repaired rows (`--repair lsq`, at end)
+
+A method written `METHOD+lsq` (or `+bias`) reuses METHOD's run and repairs each sparsity's model at the end, on the
+run's own calibration windows, as `gisp-fx materialize RUN --repair lsq` does.
 
 `--append` keeps the rows of the existing quality.json that this invocation does not measure (and its dense row,
 after checking that it was measured on the same subsets).
@@ -30,6 +34,7 @@ from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.pipeline import compile_model, load_trajectory, materialize_model
 from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
 
+REPAIRS = ("bias", "lsq")  # `--methods gisp+lsq`: the method's run, repaired (at the end) on its calibration windows
 MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
 
 
@@ -135,14 +140,19 @@ def main() -> None:
                     add(measure(f"pg {100 * s:.0f} % ({iters} it)", method, s, loaded, measured, pg_iters=iters,
                                 compile_s=report["wall_s"]))
             continue
-        out = runs / f"{method}-{round(100 * max(sparsities))}"
+        base, _, repair = method.partition("+")  # gisp+lsq: gisp's run, each sparsity repaired at the end
+        if repair and repair not in REPAIRS:
+            raise SystemExit(f"--methods: '{method}': the repair after '+' must be one of {REPAIRS}")
+        out = runs / f"{base}-{round(100 * max(sparsities))}"
         if not (out / "report.json").is_file():
-            compile_model(_config(method, args.model, max(sparsities), out, args), overwrite=True,
+            compile_model(_config(base, args.model, max(sparsities), out, args), overwrite=True,
                           discard_partial=True, loaded=_fresh(original))
         traj = load_trajectory(str(out))
         for s in sparsities:
-            loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original))
-            add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured))
+            t0 = time.perf_counter()
+            loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), repair=repair or None)
+            extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
+            add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, **extra))
     kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]
     write(rows + kept + fresh, args, time.perf_counter() - started)
 

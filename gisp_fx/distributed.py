@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from gisp_fx.errors import GispError
@@ -49,12 +51,68 @@ def launch(nproc: int, argv: list[str], output: str | None = None) -> None:
     existed = partial is not None and partial.exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "gisp_fx", *argv]
-    code = subprocess.call(cmd)
+    code = _run_group(cmd)
     if code != 0:
         if partial is not None and not existed and partial.exists():
             shutil.rmtree(partial)
         raise GispError(f"--nproc {nproc}: a process exited with status {code} (its error is printed above); "
                         "torchrun stopped the others and no --output was written")
+
+
+def _run_group(cmd: list[str], grace_s: float = 10.0) -> int:
+    """Run `cmd` in a session of its own and wait for it. If this launcher is interrupted (Ctrl-C) or terminated
+    (SIGTERM) first, the whole session (torchrun and every worker it started) is sent SIGTERM, then SIGKILL after
+    `grace_s`, before the interruption goes on: stopping the launcher never leaves workers running."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return proc.wait()
+    except BaseException:
+        _stop_session(proc, grace_s)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                _kill_leftovers(proc.pid)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _kill_leftovers(pgid: int) -> None:
+    """torchrun has exited; any worker of its session that outlived it gets SIGKILL."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def peaks_mb(local_mb: float) -> list[float]:
+    """Every rank's peak resident memory in MB, in rank order (collective: every rank calls it); [local_mb] in one
+    process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local_mb]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, float(local_mb))
+    return [float(x) for x in out]
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -21,3 +21,14 @@ def lean_heap_() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MMAP_THRESHOLD))
+
+
+def trim_() -> None:
+    """Hand glibc's free heap back to the system now (a no-op where the C library is not glibc): called between
+    calibration batches, so that one batch's freed activations are not still resident under the next one's."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -219,6 +219,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         f"choose --sparsity below {share:.3f} (`gisp-fx inspect` lists what is kept whole and why)")
     _require_reachable(config, plan0, protect, target_removed)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
+    _free_memory()  # the tokenizer's temporaries of the whole calibration text
     from gisp_fx.passes.repair import check_calibration, replay_repaired_, shrink_repaired_
 
     repair = config.repair_settings()
@@ -258,7 +259,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                 scores, selection = _pg_step(config, model, plan, calib, target_removed - removed_params, protect,
                                              traj, progress)
             else:
-                scores = _method_scores(config, model, plan, calib, progress, t)
+                scores = _method_scores(config, model, plan, calib, progress, t, protect)
                 selection = _choose(config, plan, plan0, scores, traj, target_removed - removed_params, protect, t)
         except FloatingPointError as exc:
             raise GispError(f"step {t}: {exc}; stopped. The last good trajectory ({t - 1} steps) is kept in "
@@ -350,16 +351,14 @@ def peak_rss_mb() -> float:
 def _free_memory() -> None:
     """Return the step's freed gradients and activations to the system: collect cycles, empty the CUDA cache,
     and ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
-    import ctypes
     import gc
+
+    from gisp_fx.memory import trim_
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    trim_()
 
 
 def _choose(config: CompileConfig, plan: GroupPlan, plan0: GroupPlan, scores, traj, needed: int,
@@ -393,7 +392,9 @@ def _pg_step(config: CompileConfig, model, plan: GroupPlan, calib, needed: int, 
     return result.scores(plan), selection
 
 
-def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int):
+def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progress: bool, step: int,
+                   protect: frozenset[int] = frozenset()):
+    """This step's scores; gradient methods skip the protected layers, whose scores no selection reads (NaN)."""
     from gisp_fx.passes.baselines import magnitude_scores, random_scores, wanda_sp_scores
     from gisp_fx.passes.importance import LmCalibration, score
 
@@ -410,11 +411,14 @@ def _method_scores(config: CompileConfig, model, plan: GroupPlan, calib, progres
         from gisp_fx.sharded import sharded_score
 
         return sharded_score(model, plan, calib, progress=progress, desc=f"step {step} gradients",
-                             checkpoint=config.checkpoint, device=torch.device(rank_device(config.device)))
-    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint)
+                             checkpoint=config.checkpoint, device=torch.device(rank_device(config.device)),
+                             skip=protect)
+    return score(model, plan, calib, progress=progress, desc=f"step {step} gradients", checkpoint=config.checkpoint,
+                 skip=protect)
 
 
 def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started) -> CompileResult:
+    from gisp_fx.distributed import peaks_mb
     from gisp_fx.report import write_report
     from gisp_fx.save import save_pruned
 
@@ -423,7 +427,7 @@ def _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial,
     report = write_report(partial, config, plan0, plan, traj, before,
                           {"ppl": after.ppl, "windows": after.subset, "seq_len": after.seq_len, "bos": after.bos},
                           wall_s=time.perf_counter() - started,
-                          peak_rss_mb=peak_rss_mb())
+                          peak_rss_mb=peaks_mb(peak_rss_mb()))
     if final.exists():
         shutil.rmtree(final)
     partial.replace(final)

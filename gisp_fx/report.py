@@ -27,7 +27,9 @@ def layer_rows(plan0: GroupPlan, plan: GroupPlan) -> list[dict]:
 
 
 def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: GroupPlan, traj, before: dict,
-                 after: dict, wall_s: float, peak_rss_mb: float) -> dict:
+                 after: dict, wall_s: float, peak_rss_mb: list[float]) -> dict:
+    """report.json's content, written into `folder` with its table; `peak_rss_mb` holds every rank's peak (one
+    entry in one process): the report's peak is the largest, what one process (one device) needs."""
     sparsity = (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
     steps = [{"step": s.step, "groups": len(s.removed), "heads": sum(r[1] == "head" for r in s.removed),
               "channels": sum(r[1] == "channel" for r in s.removed), "sparsity": s.sparsity, "loss": s.loss,
@@ -43,11 +45,14 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
                        "bos": {"mode": config.bos, "window_starts_with_bos": after.get("bos", False)},
                        "before": before["ppl"], "after": after["ppl"]},
         "layers": layer_rows(plan0, plan), "steps": steps,
-        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb,
+        "wall_s": wall_s, "peak_rss_mb": max(peak_rss_mb),
         # the memory yardstick: peak resident memory over the original model's weights in fp32
         "fp32_weight_mb": plan0.total_params * 4 / 2**20,
-        "peak_rss_over_fp32_weights": peak_rss_mb / (plan0.total_params * 4 / 2**20),
+        "peak_rss_over_fp32_weights": max(peak_rss_mb) / (plan0.total_params * 4 / 2**20),
     }
+    if len(peak_rss_mb) > 1:  # many processes: each one's peak, and what they held together at most
+        report["peak_rss_mb_per_rank"] = list(peak_rss_mb)
+        report["peak_rss_mb_all_ranks_at_most"] = sum(peak_rss_mb)
     if traj.repair:  # repair's own time, apart from the compile's (the issue's budget: <= 30 % of the wall time)
         spent = sum(r["wall_s"] for r in traj.repair)
         report["repair"] = {**{k: traj.repair[0][k] for k in ("mode", "at", "inputs", "damping")}, "wall_s": spent,
@@ -102,7 +107,10 @@ def _markdown(r: dict) -> str:
         f"Measured decoder-layer sparsity **{100 * s['measured']:.2f} %** (target {100 * s['target']:.1f} %; "
         f"{100 * s['of_all_params']:.2f} % of all parameters). {len(r['steps'])} steps, "
         f"{r['groups_per_step'] or 'all'} groups per step; wall time {r['wall_s']:.0f} s, "
-        f"peak memory {r['peak_rss_mb']:.0f} MB ({r['peak_rss_over_fp32_weights']:.1f} x the fp32 weights).", "",
+        f"peak memory {r['peak_rss_mb']:.0f} MB ({r['peak_rss_over_fp32_weights']:.1f} x the fp32 weights"
+        + (f", the largest of {len(r['peak_rss_mb_per_rank'])} processes; "
+           f"{r['peak_rss_mb_all_ranks_at_most']:.0f} MB together at most" if "peak_rss_mb_per_rank" in r else "")
+        + ").", "",
         *([f"Repair: **{r['repair']['mode']}** at {r['repair']['at']} ({r['repair']['inputs']} inputs, damping "
            f"{r['repair']['damping']}), {len(r['repair']['runs'])} run(s), {r['repair']['wall_s']:.1f} s "
            f"({100 * r['repair']['share_of_wall']:.1f} % of the wall time).", ""] if "repair" in r else []),

@@ -90,8 +90,9 @@ def _gathered_rows(rows: torch.Tensor, total: int, world: int) -> torch.Tensor:
 
 
 def sharded_score(model: nn.Module, plan: GroupPlan, calib, *, progress: bool, desc: str, checkpoint: bool,
-                  device: torch.device):
-    """Scores of `plan`'s groups on `model`, its gradients taken on a sharded replica (see the module's note)."""
+                  device: torch.device, skip: frozenset[int] = frozenset()):
+    """Scores of `plan`'s groups on `model`, its gradients taken on a sharded replica (see the module's note);
+    the layers in `skip` are not scored (NaN), as in importance.score."""
     import torch.distributed as dist
 
     from gisp_fx.passes.importance import average_gradients, axis_sums, scores_from_axis_sums
@@ -99,7 +100,7 @@ def sharded_score(model: nn.Module, plan: GroupPlan, calib, *, progress: bool, d
     world = dist.get_world_size()
     replica = sharded_replica(model, device)
     grads, loss = average_gradients(replica, plan, calib, progress, desc, checkpoint=checkpoint,
-                                    even_batches=True)
+                                    even_batches=True, skip=skip)
     per_axis: dict[tuple[str, Axis], np.ndarray] = {}
     with torch.no_grad():
         for name, (gw, gb) in grads.items():
@@ -112,4 +113,4 @@ def sharded_score(model: nn.Module, plan: GroupPlan, calib, *, progress: bool, d
     del grads, replica
     if not np.isfinite(loss):
         raise FloatingPointError(f"calibration loss is {loss}")
-    return scores_from_axis_sums(plan, per_axis, loss)
+    return scores_from_axis_sums(plan, per_axis, loss, skip)

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
+from gisp_fx.memory import trim_
 from gisp_fx.passes.lm_loss import LOSS_CHUNK, check_head_, checkpointed, chunked_lm_loss
 from gisp_fx.plan import Axis, GroupPlan, Member
 
@@ -63,9 +64,11 @@ class Scores:
     loss: float  # mean calibration loss of the model scored (LM objective) or mean option loss (margin)
 
 
-def _prunable_linears(model: nn.Module, plan: GroupPlan) -> dict[str, nn.Linear]:
+def _prunable_linears(model: nn.Module, plan: GroupPlan, skip: frozenset[int] = frozenset()) -> dict[str, nn.Linear]:
     names = set()
     for layer in plan.layers:
+        if layer.index in skip:
+            continue
         for block in (layer.attention, layer.mlp):
             if block is not None:
                 members = block.query + block.kv if hasattr(block, "query") else block.members
@@ -109,6 +112,7 @@ def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[s
         total_loss += loss.item() * size
         total_n += size
         del loss
+        trim_()
         for p in params:
             if id(p) in sums and p.grad is not None:
                 sums[id(p)] = p.grad.float() if sums[id(p)] is None else sums[id(p)].add_(p.grad)
@@ -124,20 +128,26 @@ def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[s
 
 def average_gradients(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
                       desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False,
-                      even_batches: bool = False) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
+                      even_batches: bool = False, skip: frozenset[int] = frozenset(),
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], float]:
     """gbar per prunable linear (weight, bias): (1/N) sum_b (loss_b * size_b)'; margin: g_pos - g_neg.
 
     The LM objective's loss goes through the head in chunks of `loss_chunk` logits (0: the model's own loss on
     full logits); `checkpoint` recomputes each decoder layer's activations in backward instead of keeping them.
     `even_batches` (FSDP: every forward and backward is a collective of all ranks): a rank with fewer windows than
     the first runs its last batch again, weighted 0, until it has run as many batches as the first.
+    Layers in `skip` (protected ones, never pruned) get no gradient: no fp32 sum of their weights' size, and
+    backward stops at the first layer that needs one; the other layers' gradients are unchanged.
     """
     with checkpointed(model, checkpoint):
-        return _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches)
+        return _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches, skip)
 
 
-def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches=False):
-    linears = _prunable_linears(model, plan)
+def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batches=False, skip=frozenset()):
+    linears = _prunable_linears(model, plan, skip)
+    if not linears:
+        raise GispError("scoring: every layer with prunable groups is protected; there is nothing to score "
+                        "(see --protect)")
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deterministic loss
@@ -241,8 +251,10 @@ def _group_sums(member: Member, per_index: np.ndarray) -> np.ndarray:
     return np.add.reduceat(per_index[flat], starts)
 
 
-def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float) -> Scores:
-    """Element score |w * g| (abs after averaging), summed over each group's rows and columns."""
+def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float,
+                         skip: frozenset[int] = frozenset()) -> Scores:
+    """Element score |w * g| (abs after averaging), summed over each group's rows and columns; NaN for every group
+    of the layers in `skip`, which were not scored."""
     per_axis: dict[tuple[str, Axis], np.ndarray] = {}
     with torch.no_grad():
         for name, (gw, gb) in grads.items():
@@ -250,7 +262,7 @@ def score_from_gradients(model: nn.Module, plan: GroupPlan, grads, loss: float) 
             rows, cols = axis_sums(lin.weight, lin.bias, gw, gb)
             per_axis[(name, Axis.ROWS)] = rows.cpu().numpy()
             per_axis[(name, Axis.COLS)] = cols.cpu().numpy()
-    return scores_from_axis_sums(plan, per_axis, loss)
+    return scores_from_axis_sums(plan, per_axis, loss, skip)
 
 
 def axis_sums(weight: torch.Tensor, bias: torch.Tensor | None, gw: torch.Tensor, gb: torch.Tensor | None,
@@ -263,8 +275,10 @@ def axis_sums(weight: torch.Tensor, bias: torch.Tensor | None, gw: torch.Tensor,
     return rows, elem.sum(0)
 
 
-def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.ndarray], loss: float) -> Scores:
-    """Per-linear row and column sums of |w * g| -> each group's sum over its rows and columns."""
+def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.ndarray], loss: float,
+                          skip: frozenset[int] = frozenset()) -> Scores:
+    """Per-linear row and column sums of |w * g| -> each group's sum over its rows and columns (NaN in the layers
+    of `skip`, which have no sums)."""
 
     def block_scores(members, count):
         total = np.zeros(count)
@@ -275,6 +289,11 @@ def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.n
     heads, kv, channels = [], [], []
     for layer in plan.layers:
         a, mlp = layer.attention, layer.mlp
+        if layer.index in skip:
+            heads.append(np.full(a.num_heads if a is not None else 0, np.nan))
+            kv.append(np.full(a.num_kv_heads if a is not None else 0, np.nan))
+            channels.append(np.full(mlp.channels if mlp is not None else 0, np.nan))
+            continue
         if a is not None:
             h = block_scores(a.query, a.num_heads)
             g = block_scores(a.kv, a.num_kv_heads)
@@ -286,15 +305,19 @@ def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.n
             heads.append(np.zeros(0))
             kv.append(np.zeros(0))
         channels.append(block_scores(mlp.members, mlp.channels) if mlp is not None else np.zeros(0))
-    if not all(np.isfinite(x).all() for x in heads + channels):
+    if not all(np.isfinite(x).all() for lp, h, c in zip(plan.layers, heads, channels) if lp.index not in skip
+               for x in (h, c)):
         raise FloatingPointError("importance scores are not finite")
     return Scores(tuple(heads), tuple(kv), tuple(channels), loss)
 
 
 def score(model: nn.Module, plan: GroupPlan, calib: Calibration, progress: bool = True,
-          desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False) -> Scores:
-    """Importance of every group of `plan` on `model` for the calibration objective."""
-    grads, loss = average_gradients(model, plan, calib, progress, desc, loss_chunk=loss_chunk, checkpoint=checkpoint)
+          desc: str = "gradients", *, loss_chunk: int = LOSS_CHUNK, checkpoint: bool = False,
+          skip: frozenset[int] = frozenset()) -> Scores:
+    """Importance of every group of `plan` on `model` for the calibration objective; the layers in `skip` (the
+    protected ones, which no selection reads) are not scored: NaN."""
+    grads, loss = average_gradients(model, plan, calib, progress, desc, loss_chunk=loss_chunk, checkpoint=checkpoint,
+                                    skip=skip)
     if not math.isfinite(loss):
         raise FloatingPointError(f"calibration loss is {loss}")
-    return score_from_gradients(model, plan, grads, loss)
+    return score_from_gradients(model, plan, grads, loss, skip)

@@ -4,6 +4,7 @@ scores (<= 1e-5 relative) and the same removals as one process; more processes t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,44 @@ def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, m
     assert [s["removed"] for s in steps[0]] == [s["removed"] for s in steps[1]]
     assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
     assert not list(tmp_path.glob("two.partial")) and (two / "report.json").is_file()
+    report = json.loads((two / "report.json").read_text())
+    assert len(report["peak_rss_mb_per_rank"]) == 2 and report["peak_rss_mb"] == max(report["peak_rss_mb_per_rank"])
+    assert report["peak_rss_mb_all_ranks_at_most"] == pytest.approx(sum(report["peak_rss_mb_per_rank"]))
+    assert "peak_rss_mb_per_rank" not in json.loads((one / "report.json").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_terminating_the_launcher_stops_every_process_it_started(tmp_path):
+    """SIGTERM to a `--nproc` launcher takes torchrun's whole session with it (here a stand-in: a shell with a
+    background child), instead of leaving workers running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    inner = f"sleep 600 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from gisp_fx.distributed import _run_group; "
+                                 f"sys.exit(_run_group(['bash', '-c', {inner!r}], grace_s=5))"])
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2 and all(_alive(p) for p in started)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) != 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in started)
 
 
 def test_a_rank_that_dies_while_scoring_is_one_error_and_no_output(tiny_folder, tmp_path, monkeypatch, capsys):

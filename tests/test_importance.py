@@ -78,3 +78,28 @@ def test_margin_scores_equal_brute_force():
     eh, ec = _expected(model, g, 2, 1, 5, a.mha, a.kv_of_head[1])
     assert scores.heads[2][1] == pytest.approx(eh, rel=1e-4)
     assert scores.channels[2][5] == pytest.approx(ec, rel=1e-4)
+
+
+def test_skipped_layers_are_not_scored_and_leave_the_others_unchanged():
+    """Protected layers get no gradient (no fp32 sum of their weights, backward stops above them): their scores
+    are NaN and every other layer's scores are exactly those of a pass that scores all layers."""
+    from gisp_fx.passes import importance
+
+    model = tiny_model("llama-gqa")
+    plan = analyse(model)
+    calib = LmCalibration(tokens(6, 10, seed=4), batch_size=4)
+    skip = frozenset({0, len(plan.layers) - 1})
+    assert set(importance._prunable_linears(model, plan, skip)) == {
+        n for n in importance._prunable_linears(model, plan) if not any(n.startswith(f"model.layers.{i}.") for i in skip)}
+    full = score(model, plan, calib, progress=False)
+    part = score(model, plan, calib, progress=False, skip=skip)
+    assert part.loss == full.loss
+    for i in range(len(plan.layers)):
+        for got, want in ((part.heads[i], full.heads[i]), (part.channels[i], full.channels[i]), (part.kv[i], full.kv[i])):
+            assert got.shape == want.shape
+            if i in skip:
+                assert np.isnan(got).all()
+            else:
+                np.testing.assert_array_equal(got, want)
+    with pytest.raises(Exception, match="every layer with prunable groups is protected"):
+        score(model, plan, calib, progress=False, skip=frozenset(range(len(plan.layers))))
