@@ -95,6 +95,7 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor] | None = No
         ) from exc
     finally:
         model.train(was_training)
+        _forget_export_proxies()
     gm = program.module()
     linears = tuple(_linear_nodes(gm))
     seen: dict[int, str] = {}
@@ -106,6 +107,17 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor] | None = No
         hidden_size=model.config.hidden_size, param_numel=param_numel, example=example,
         layers=decoder_layers(model),
     )
+
+
+def _forget_export_proxies() -> None:
+    """torch.export (2.13) leaves a module-level map from fake-tensor ids to the nodes of the last trace, which keeps
+    that whole traced graph (about 2,700 nodes and their fake tensors on SmolLM2) alive until the next export
+    clears it; clear it now. Nothing reads it between exports (torch empties it before filling it)."""
+    from torch.fx.experimental import proxy_tensor
+
+    leftover = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(leftover, dict):
+        leftover.clear()
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, ...]:
