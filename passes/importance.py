@@ -59,20 +59,24 @@ class Scores:
     """One importance number per group of the plan it was computed against."""
 
     heads: tuple[np.ndarray, ...]  # per layer, per query head (empty when the layer has no attention left)
-    kv: tuple[np.ndarray, ...]  # per layer, per K/V group (reported; K/V groups go with their last head)
+    kv: tuple[np.ndarray, ...]  # per layer, per K/V group (MHA only; NaN under GQA, where nothing reads them)
     channels: tuple[np.ndarray, ...]  # per layer, per MLP channel
     loss: float  # mean calibration loss of the model scored (LM objective) or mean option loss (margin)
 
 
 def _prunable_linears(model: nn.Module, plan: GroupPlan, skip: frozenset[int] = frozenset()) -> dict[str, nn.Linear]:
+    """The linears whose gradients the scores need: every member of every block outside `skip`, except the K/V
+    members of a GQA attention (a GQA head is scored from its q rows and o columns only, and nothing reads the K/V
+    groups' own scores: they come out NaN) unless the same linear also holds query rows (a fused QKV)."""
     names = set()
     for layer in plan.layers:
         if layer.index in skip:
             continue
-        for block in (layer.attention, layer.mlp):
-            if block is not None:
-                members = block.query + block.kv if hasattr(block, "query") else block.members
-                names.update(m.module for m in members)
+        a, mlp = layer.attention, layer.mlp
+        if a is not None:
+            names.update(m.module for m in (a.query + a.kv if a.mha else a.query))
+        if mlp is not None:
+            names.update(m.module for m in mlp.members)
     return {name: model.get_submodule(name) for name in sorted(names)}
 
 
@@ -280,9 +284,11 @@ def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.n
     """Per-linear row and column sums of |w * g| -> each group's sum over its rows and columns (NaN in the layers
     of `skip`, which have no sums)."""
 
-    def block_scores(members, count):
+    def block_scores(members, count, needed=True):
         total = np.zeros(count)
         for m in members:
+            if (m.module, m.axis) not in per_axis and not needed:
+                return np.full(count, np.nan)
             total += _group_sums(m, per_axis[(m.module, m.axis)])
         return total
 
@@ -296,7 +302,7 @@ def scores_from_axis_sums(plan: GroupPlan, per_axis: dict[tuple[str, Axis], np.n
             continue
         if a is not None:
             h = block_scores(a.query, a.num_heads)
-            g = block_scores(a.kv, a.num_kv_heads)
+            g = block_scores(a.kv, a.num_kv_heads, needed=a.mha)
             if a.mha:  # an MHA head owns its k/v rows; a GQA head is scored from q rows and o columns only
                 h = h + g[list(a.kv_of_head)]
             heads.append(h)

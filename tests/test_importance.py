@@ -95,7 +95,7 @@ def test_skipped_layers_are_not_scored_and_leave_the_others_unchanged():
     part = score(model, plan, calib, progress=False, skip=skip)
     assert part.loss == full.loss
     for i in range(len(plan.layers)):
-        for got, want in ((part.heads[i], full.heads[i]), (part.channels[i], full.channels[i]), (part.kv[i], full.kv[i])):
+        for got, want in ((part.heads[i], full.heads[i]), (part.channels[i], full.channels[i])):
             assert got.shape == want.shape
             if i in skip:
                 assert np.isnan(got).all()
@@ -103,3 +103,18 @@ def test_skipped_layers_are_not_scored_and_leave_the_others_unchanged():
                 np.testing.assert_array_equal(got, want)
     with pytest.raises(Exception, match="every layer with prunable groups is protected"):
         score(model, plan, calib, progress=False, skip=frozenset(range(len(plan.layers))))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama-mha"])
+def test_gqa_scores_take_no_kv_gradient(arch):
+    """A GQA head's score reads its q rows and o columns only, so k_proj / v_proj get no gradient (their fp32 sums
+    are not held) and the K/V groups' scores are NaN; under MHA the k/v rows belong to the head and are scored."""
+    from gisp_fx.passes import importance
+
+    model = tiny_model(arch)
+    plan = analyse(model)
+    names = set(importance._prunable_linears(model, plan))
+    gqa = not plan.layers[0].attention.mha
+    assert any("k_proj" in n for n in names) is not gqa and any("v_proj" in n for n in names) is not gqa
+    scores = score(model, plan, LmCalibration(tokens(4, 8, seed=5), batch_size=4), progress=False)
+    assert all(bool(np.isnan(k).all()) is gqa and np.isfinite(h).all() for k, h in zip(scores.kv, scores.heads))
