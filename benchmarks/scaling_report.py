@@ -129,11 +129,12 @@ def extrapolation(rows: list[dict]) -> list[str]:
               f"activation bytes of {act_row['key']} ({act:.0f} per batch token x layer x hidden unit, fp32; an "
               "upper bound: it also holds the Python/torch runtime and allocator slack)."]
     d = DEFAULT
-    lines += ["", f"A default run: {d['steps']} steps of {d['calib_tokens']:,} calibration tokens (forward + backward, "
-              f"6 N T) and WikiText-2 perplexity on {d['eval_tokens']:,} tokens (before + after, forward, 2 N T); "
+    lines += ["", f"A default run: {d['steps']} steps of {d['calib_tokens']:,} calibration tokens (forward, the "
+              "forward recomputed by the default checkpointing, and backward: 8 N T) and WikiText-2 perplexity on {d['eval_tokens']:,} tokens (before + after, forward, 2 N T); "
               f"N = parameters in matmuls (all but the input embedding). GPU time assumes {100 * UTILISATION:.0f} % "
               "of the dense bf16 peak; the time of loading, capture and saving is not included. Memory = bf16 weights "
-              "(2 bytes x all parameters) + fp32 gradient sums of the scored linears (4 bytes x decoder parameters) + "
+              "(2 bytes x all parameters) + fp32 gradient sums of the scored linears (4 bytes x decoder parameters: an "
+              "upper bound, protected layers and GQA K/V projections get none) + "
               f"activations at the measured {act:.0f} bytes per batch token x layer x hidden unit (fp32 runtime; "
               f"halved for bf16 activations: {act / 2:.0f}), batches of {d['batch_tokens']:,} tokens.", "",
               "| target | N (matmul) | FLOPs of a default run | 2 CPU cores at the measured rate | "
@@ -141,12 +142,12 @@ def extrapolation(rows: list[dict]) -> list[str]:
               "|---|---:|---:|---:|" + "---:|---:|" * len(GPUS)]
     mem_lines = ["", "| target | bf16 weights | fp32 gradient sums | activations (bf16) | one GPU needs | fits one "
                  f"{GPU_MEMORY_GB} GB GPU | with --checkpoint | 8 GPUs, replicated (each) | 8 GPUs, weights+gradients "
-                 "sharded (each; `--shard`, not on main yet) | sharded + --checkpoint (each) |",
+                 "sharded (each; `--shard`) | sharded + --checkpoint (each) |",
                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     arithmetic = ["", "Arithmetic:", ""]
     for name, t in TARGETS.items():
         n = t["params"] - t["vocab"] * t["hidden"]
-        flops = d["steps"] * 6 * n * d["calib_tokens"] + 2 * n * d["eval_tokens"]
+        flops = d["steps"] * 8 * n * d["calib_tokens"] + 2 * n * d["eval_tokens"]
         cpu = flops / (2 * rate)
         gpu = {g: flops / (peak * UTILISATION) for g, peak in GPUS.items()}
         lines.append(f"| {name} | {n / 1e9:.2f} B | {flops:.2e} | {_fmt_s(cpu)} | "
@@ -162,7 +163,7 @@ def extrapolation(rows: list[dict]) -> list[str]:
         h100 = list(GPUS.values())[-1]
         arithmetic += [
             f"- {name}: N = {t['params'] / 1e9:.3f} B - {t['vocab']:,} x {t['hidden']:,} (input embedding) = "
-            f"{n / 1e9:.3f} B; FLOPs = {d['steps']} x 6 x N x {d['calib_tokens']:,} + 2 x N x {d['eval_tokens']:,} = "
+            f"{n / 1e9:.3f} B; FLOPs = {d['steps']} x 8 x N x {d['calib_tokens']:,} + 2 x N x {d['eval_tokens']:,} = "
             f"{flops:.3e}; on 2 CPU cores: {flops:.3e} / (2 x {rate / 1e9:.1f} GFLOP/s) = {_fmt_s(cpu)}; one H100: "
             f"{flops:.3e} / ({h100 / 1e12:.0f}e12 x {UTILISATION}) = {flops / (h100 * UTILISATION):.1f} s; 8 GPUs "
             "split the windows (the gradient all-reduce per step moves about 2 x 4 bytes x decoder parameters = "

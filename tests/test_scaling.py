@@ -66,12 +66,13 @@ def test_extrapolation_arithmetic(tmp_path):
     md, png = tmp_path / "s.md", tmp_path / "s.png"
     scaling_report.write_report([_row()], md, png)
     text = md.read_text()
-    # 7B: N = 6.738e9 - 32,000 x 4,096 = 6.607e9; 8 x 6 x N x 8,192 + 2 x N x 65,536 = 3.464e15 FLOPs
-    assert "6.607 B" in text and "3.464e+15" in text
-    # at 6 x 494,032,768 x 4,096 / 100 CPU s = 121.4 GFLOP per CPU-second, 2 cores: 3.464e15 / 242.8e9 s = 4.0 h
-    assert "121.4 GFLOP per CPU-second" in text and "| 4.0 h |" in text
-    # one H100 at 40 % of 989 TFLOP/s: 3.464e15 / 395.6e12 = 8.8 s
-    assert "= 8.8 s" in text
+    # 7B: N = 6.738e9 - 32,000 x 4,096 = 6.607e9; 8 x 8 x N x 8,192 (forward, recomputed forward, backward) + 2 x N x
+    # 65,536 = 4.330e15 FLOPs
+    assert "6.607 B" in text and "4.330e+15" in text
+    # at 6 x 494,032,768 x 4,096 / 100 CPU s = 121.4 GFLOP per CPU-second, 2 cores: 4.330e15 / 242.8e9 s = 5.0 h
+    assert "121.4 GFLOP per CPU-second" in text and "| 5.0 h |" in text
+    # one H100 at 40 % of 989 TFLOP/s: 4.330e15 / 395.6e12 = 10.9 s
+    assert "= 10.9 s" in text
     # 70B memory: bf16 weights 2 x 68.977e9 = 138.0 GB; fp32 gradient sums 4 x 68.451e9 = 273.8 GB: not one GPU
     assert "| 138.0 GB | 273.8 GB |" in text and png.stat().st_size > 10_000
 
