@@ -51,10 +51,18 @@ def launch(nproc: int, argv: list[str], output: str | None = None) -> None:
     existed = partial is not None and partial.exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "gisp_fx", *argv]
-    code = _run_group(cmd)
-    if code != 0:
+
+    def discard_partial() -> None:
         if partial is not None and not existed and partial.exists():
             shutil.rmtree(partial)
+
+    try:
+        code = _run_group(cmd)
+    except BaseException:  # interrupted: the workers are stopped, and their unfinished output goes with them
+        discard_partial()
+        raise
+    if code != 0:
+        discard_partial()
         raise GispError(f"--nproc {nproc}: a process exited with status {code} (its error is printed above); "
                         "torchrun stopped the others and no --output was written")
 

@@ -191,3 +191,25 @@ def test_checkpointing_is_on_by_default_and_no_checkpoint_turns_it_off():
     assert parse(["compile", "m", "--sparsity", "0.5", "--no-checkpoint"]).checkpoint is False
     assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint"]).checkpoint is True
     assert CompileConfig("m", 0.5, "out").checkpoint is True and CompileConfig("m", 0.5, "out").shard is False
+
+
+def test_an_interrupted_launcher_leaves_no_partial_output(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the workers run: the interruption goes on, and the OUTPUT.partial that rank 0 had
+    begun is removed (a run of many processes is never resumed); a partial folder from before is left alone."""
+    from gisp_fx import distributed
+
+    out = tmp_path / "run"
+
+    def interrupted(cmd, grace_s=10.0):
+        (tmp_path / "run.partial").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "_run_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distributed.launch(2, ["compile", "x", "--output", str(out)], str(out))
+    assert not (tmp_path / "run.partial").exists()
+    monkeypatch.setattr(distributed, "_run_group", lambda cmd, grace_s=10.0: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "run.partial").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        distributed.launch(2, ["compile", "x", "--output", str(out)], str(out))
+    assert (tmp_path / "run.partial").is_dir()
