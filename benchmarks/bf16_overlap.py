@@ -15,16 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scaling import removed  # benchmarks/scaling.py: the groups a finished run removed
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "bf16-overlap.json"
 RUNS = {"float32": ROOT / "runs" / "smollm2-gisp-50", "bfloat16": ROOT / "runs" / "smollm2-gisp-50-bf16"}
 SETTINGS = {"model": "smollm2", "sparsity": 0.5}  # everything else at compile's defaults
-
-
-def removed(output: Path) -> set[tuple]:
-    """The (layer, kind, original index) groups a finished run removed, over all its steps."""
-    doc = json.loads((output / "trajectory" / "trajectory.json").read_text())
-    return {tuple(ref) for step in doc["steps"] for ref in step["removed"]}
 
 
 def _finished(output: Path, dtype: str) -> bool:

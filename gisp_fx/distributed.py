@@ -89,26 +89,17 @@ def _run_group(cmd: list[str], grace_s: float = 10.0) -> int:
 
 
 def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            if sig == signal.SIGTERM:
-                _kill_leftovers(proc.pid)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _kill_leftovers(pgid: int) -> None:
-    """torchrun has exited; any worker of its session that outlived it gets SIGKILL."""
+    """SIGTERM to the session, then SIGKILL to whatever of it is left once torchrun exits or `grace_s` passes."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing of the session is left
         pass
+    proc.wait()
 
 
 def peaks_mb(local_mb: float) -> list[float]:
