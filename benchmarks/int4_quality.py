@@ -9,8 +9,9 @@ export and onnxruntime-genai's own int4 build of the dense model (its perplexity
 Variants (names: method, then options): `only-KIND` quantises one linear kind and leaves the rest fp32 (the
 ablation); `rtn` is the old default (round to nearest, asymmetric, block 32, LM head int4); `-h8` / `-h0` the LM head
 as int8 / fp32; `-c8` a clip search of 8 ranges per block (squared error weighted by the calibration inputs' mean
-square); `-sym` symmetric; `-b16` block 16; `-a0` accuracy level 0 (fp32 activations); `gptq` error-compensated
-rounding from calibration Grams (64 windows of WikiText-2 train).
+square); `-sym` symmetric; `-fz` float zero points (each block's own min .. max; int4 linears); `-hs` the LM head
+symmetric; `-b16` block 16; `-a0` accuracy level 0 (fp32 activations); `gptq` error-compensated rounding from
+calibration Grams (64 windows of WikiText-2 train).
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def variant(name: str) -> Int4Config:
         return Int4Config(method="rtn", head_bits=4, skip=tuple(k for k in ALL_KINDS if k != kind))
     kw: dict = {"method": head, "head_bits": 4}  # names say every choice: not Int4Config's defaults
     for o in opts:
-        if o.startswith("h"):
+        if o == "fz":
+            kw["float_zero"] = True
+        elif o == "hs":
+            kw["head_symmetric"] = True
+        elif o.startswith("h"):
             kw["head_bits"] = int(o[1:])
         elif o.startswith("c"):
             kw["clip"] = int(o[1:])
@@ -90,8 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tag", default="0", help="names the export folder runs/int4/onnx-TAG and the result files")
-    ap.add_argument("--variants", default="rtn,only-qkv_proj,only-o_proj,only-gate_proj,only-down_proj,"
-                                          "only-lm_head,rtn-a0,rtn-h8,rtn-h8-c8,rtn-h8-b16,gptq,gptq-h8,gptq-h8-sym")
+    ap.add_argument("--variants", default="rtn,gptq-h8,rtn-fz,rtn-fz-h8-hs,gptq-fz,gptq-fz-h8-hs")
     ap.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows (evenly spaced)")
     ap.add_argument("--calib", type=int, default=64, help="calibration windows of WikiText-2 train (gptq)")
     ap.add_argument("--genai", default="runs/latency/genai-int4",

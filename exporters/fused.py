@@ -2,9 +2,8 @@
 ops per layer, as onnxruntime-genai's model builder writes them, but with every layer's own widths.
 
 Per decoder layer: `SkipSimplifiedLayerNormalization` (RMSNorm with the residual add fused), one QKV `MatMul`,
-`RotaryEmbedding` on Q and K from `position_ids` (HF's positions, exact on left-padded rows), one
-`GroupQueryAttention` (cache append + attention; its `num_heads`/`kv_num_heads` are per node, so each layer keeps the
-widths pruning left), the MLP as two `MatMul`s with `QuickGelu` (alpha 1 = SiLU), and the LM head on
+one `GroupQueryAttention` on the packed QKV (rotary at HF's `position_ids`, exact on left-padded rows; cache append
+and attention; its `num_heads`/`kv_num_heads` are per node, so each layer keeps the widths pruning left), the MLP as two `MatMul`s with `QuickGelu` (alpha 1 = SiLU), and the LM head on
 `logits_positions` only. The interface is exporters/onnx.py's, so `OrtCausalLM` runs it unchanged.
 
 Uneven query groups (pruning may leave a K/V head 2 query heads and its neighbour 1): GroupQueryAttention needs
@@ -221,8 +220,11 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if pending[0] is None:
             return g.op("SimplifiedLayerNormalization", [resid, gamma], epsilon=eps, axis=-1, stash_type=1, stem=stem)
-        out, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [pending[0], resid, gamma], n_out=4,
-                                domain=MS, epsilon=eps, stem=stem)
+        # outputs 1 and 2 (mean, inverse std) left unnamed: onnxruntime then neither computes nor allocates them
+        out, summed = g.name(stem), g.name(stem + "_residual")
+        g.op("SkipSimplifiedLayerNormalization", [pending[0], resid, gamma], domain=MS, epsilon=eps,
+             outputs=[out, "", "", summed])
+        resid = summed
         pending[0] = None
         return out
 
@@ -248,12 +250,6 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
                                     _rows(_np(attn.k_proj.bias), s.kv_index, d),
                                     _rows(_np(attn.v_proj.bias), s.kv_index, d)])
             qkv = _linear(g, x, w, b, f"layers.{i}.qkv_proj", quantize, gram_of(attn.q_proj))
-            nq, nkv = s.num_heads * d, s.kv_heads * d
-            q, k, v = g.op("Split", [qkv, g.const("split", np.array([nq, nkv, nkv], np.int64))], n_out=3, axis=-1)
-            q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=s.num_heads,
-                     rotary_embedding_dim=d, interleaved=0, stem=f"layers.{i}.q_rot")
-            k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=s.kv_heads,
-                     rotary_embedding_dim=d, interleaved=0, stem=f"layers.{i}.k_rot")
             past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
             pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
             for name in (past_k, past_v):
@@ -261,10 +257,13 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
             for name in (pres_k, pres_v):
                 outputs.append(helper.make_tensor_value_info(name, T.FLOAT, ["batch", s.kv_heads, "total", d]))
             scale = float(getattr(attn, "scaling", d ** -0.5))
-            out = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, "", "", "", bias,
-                                                 "", "", "", "", "", query_seqlens],
-                       domain=MS, num_heads=s.num_heads, kv_num_heads=s.kv_heads, scale=scale, do_rotary=0,
-                       outputs=[g.name(f"layers.{i}.attn"), pres_k, pres_v])[0]
+            # packed QKV in, rotary inside (do_rotary) at the given position_ids: with query_seqlens given the op
+            # rotates every token at its own position, prompt rows included (without it a prompt would use the
+            # first row's first position for every row, wrong on left-padded batches)
+            out = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin, "position_ids",
+                                               bias, "", "", "", "", "", query_seqlens],
+                       domain=MS, num_heads=s.num_heads, kv_num_heads=s.kv_heads, scale=scale, do_rotary=1,
+                       rotary_interleaved=0, outputs=[g.name(f"layers.{i}.attn"), pres_k, pres_v])[0]
             wo = _np(attn.o_proj.weight)
             wo = np.concatenate([wo[:, h * d:(h + 1) * d] if h >= 0 else np.zeros_like(wo[:, :d])
                                  for h in s.query_order], axis=1)

@@ -2,8 +2,9 @@
 
 genai binds inputs and outputs by the names in the config and sizes the KV cache from one `num_key_value_heads` and
 `head_size` for all `num_hidden_layers`; the fused graph's interface names are genai's, and `logits_positions` gets a
-default (the last position) so genai need not feed it. The cache is not shared between past and present (the
-fused graph appends to a copy), so `past_present_share_buffer` is false.
+default (every position) so genai need not feed it. `past_present_share_buffer` is true: genai then hands each
+GroupQueryAttention one buffer of max_length positions as past and present, and the op writes the new positions in
+place (as gisp-fx's own runner does, exporters/ort.py's SharedCache).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def genai_config(config, layout, filename: str = "model.onnx") -> dict:
             },
         },
         "search": {"do_sample": False, "max_length": cfg.max_position_embeddings, "num_beams": 1,
-                   "past_present_share_buffer": False, "top_k": 1, "top_p": 1.0, "temperature": 1.0,
+                   "past_present_share_buffer": True, "top_k": 1, "top_p": 1.0, "temperature": 1.0,
                    "repetition_penalty": 1.0, "min_length": 0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }

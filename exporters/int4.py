@@ -14,8 +14,14 @@ How the codes are chosen (`Int4Config`, defaults picked by measurement on SmolLM
 - `method` 'gptq': error-compensated rounding (Frantar et al., GPTQ): columns are quantised in order and each
   column's rounding error is spread over the columns not yet quantised through the inverse of the calibration
   Gram X^T X, so that the layer's output on the calibration inputs, not its weights, stays close.
+- `float_zero` (default): int4 zero points as floats, each block's range its own min .. max (MatMulNBits' unpacked
+  zero points), rather than integer codes with 0 forced into the range. A block whose weights already sit on a
+  uniform 16-level grid (every Q4_1 / Q4_K block of a GGUF checkpoint such as the bundled SmolLM2) is then kept
+  exactly; gptq leaves a linear that rounds without loss as it is, and calibrates only the others (after pruning:
+  down_proj, whose kept input columns no longer fill the checkpoint's blocks, and an LM head stored at 8 bits).
 - `head_bits`: the LM head (SmolLM2 ties it to the embedding; it holds 21 % of the weights and all the logits)
-  as int4, int8, or fp32 (0).
+  as int4, int8, or fp32 (0); `head_symmetric` writes it without zero points, absmax / (2^(bits-1) - 1) per block
+  (a Q8_0 block exactly).
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ class Int4Config:
     block: int = BLOCK
     symmetric: bool = False
     clip: int = 0  # shrunken ranges searched per block (0: the block's min/max)
-    head_bits: int = 8  # the LM head: 4, 8, or 0 (fp32 MatMul)
+    head_bits: int = 4  # the LM head: 4, 8, or 0 (fp32 MatMul)
     accuracy_level: int = ACCURACY_LEVEL
     skip: tuple[str, ...] = field(default_factory=tuple)
     damp: float = 0.01  # gptq: added to the Gram's diagonal, as a fraction of its mean
+    float_zero: bool = True  # 4-bit zero points as floats (the block's own min .. max), not integer codes
+    head_symmetric: bool = False  # the LM head symmetric (scale absmax / (2^(bits-1) - 1), no zero points)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -55,6 +63,8 @@ class Int4Config:
             raise GispError(f"int4: block {self.block}; MatMulNBits takes 16, 32, 64, 128 or 256")
         if self.head_bits not in (0, 4, 8):
             raise GispError(f"int4: head_bits {self.head_bits}; expected 4, 8 or 0 (fp32)")
+        if self.float_zero and self.symmetric:
+            raise GispError("int4: float_zero is an asymmetric range (the block's min .. max); not with symmetric")
         unknown = set(self.skip) - set(KINDS)
         if unknown:
             raise GispError(f"int4: skip names {sorted(unknown)}; linear kinds are {', '.join(KINDS)}")
@@ -70,13 +80,22 @@ class Int4Config:
         return self.method == "gptq"
 
 
-def _range(x: np.ndarray, bits: int, symmetric: bool, ratio) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks x [..., block] -> (scale, zero) of the range shrunk by `ratio` (scalar or per block)."""
+def _range(x: np.ndarray, bits: int, symmetric: bool, ratio, float_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks x [..., block] -> (scale, zero) of the range shrunk by `ratio` (scalar or per block). Integer zero
+    points need 0 inside the range (it must be a code); a float zero point takes the block's own min .. max, which
+    a block already on a uniform 2^bits-level grid (a Q4_1 / Q4_K GGUF block) keeps exactly."""
     top = (1 << bits) - 1
-    if symmetric:  # zero fixed mid-range: codes -2^(b-1) .. 2^(b-1)-1 around it
+    if symmetric:  # zero fixed mid-range (MatMulNBits' default zero point): codes 1 .. 2^b - 1 around 2^(b-1)
         half = 1 << (bits - 1)
-        scale = np.abs(x).max(-1) * ratio / (half - 0.5)
+        scale = np.abs(x).max(-1) * ratio / (half - 1)  # absmax -> +-(2^(b-1) - 1): a Q8_0 GGUF block exactly
         zero = np.full(scale.shape, half, np.float32)
+    elif float_zero:
+        lo, hi = x.min(-1), x.max(-1)
+        mid = (lo + hi) / 2
+        lo, hi = mid + (lo - mid) * ratio, mid + (hi - mid) * ratio
+        scale = (hi - lo) / top
+        scale = np.where(scale == 0, np.maximum(np.abs(lo), 1.0), scale)  # a constant block: code 0 is its value
+        zero = -lo / scale
     else:
         lo = np.minimum(x.min(-1), 0.0) * ratio
         hi = np.maximum(x.max(-1), 0.0) * ratio
@@ -88,7 +107,7 @@ def _range(x: np.ndarray, bits: int, symmetric: bool, ratio) -> tuple[np.ndarray
 
 
 def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+    return np.clip(np.round(x / scale[..., None] + zero[..., None]), 0, (1 << bits) - 1)  # zero may be a float
 
 
 def _blocks(w: np.ndarray, block: int) -> np.ndarray:
@@ -100,26 +119,28 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
 
 
 def quantize_blocks(w: np.ndarray, block: int = BLOCK, bits: int = BITS, symmetric: bool = False, clip: int = 0,
-                    importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """w [N, K] -> (codes [N, blocks, block] uint8, scales [N, blocks], zero points [N, blocks] uint8), round to
+                    importance: np.ndarray | None = None,
+                    float_zero: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [N, K] -> (codes [N, blocks, block] uint8, scales [N, blocks], zero points [N, blocks]: uint8, or float32
+    with `float_zero`), round to
     nearest; `clip` > 0 searches ratios 1 .. 1 - 0.025·(clip-1) of the range per block, minimising the squared
     error weighted by `importance` [K] (the inputs' mean square) when given."""
     x = _blocks(np.asarray(w, np.float32), block)
-    best_s, best_z = _range(x, bits, symmetric, 1.0)
+    best_s, best_z = _range(x, bits, symmetric, 1.0, float_zero)
     if clip > 0:
         weight = np.ones(x.shape[1:], np.float32) if importance is None else _blocks(importance[None], block)[0]
         best_err = np.full(x.shape[:2], np.inf, np.float32)
         for ratio in 1.0 - 0.025 * np.arange(clip):
-            s, z = _range(x, bits, symmetric, ratio)
+            s, z = _range(x, bits, symmetric, ratio, float_zero)
             err = ((((_codes(x, s, z, bits) - z[..., None]) * s[..., None] - x) ** 2) * weight).sum(-1)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
-    return _codes(x, best_s, best_z, bits).astype(np.uint8), best_s, best_z.astype(np.uint8)
+    return _codes(x, best_s, best_z, bits).astype(np.uint8), best_s, best_z if float_zero else best_z.astype(np.uint8)
 
 
 def gptq_blocks(w: np.ndarray, gram: np.ndarray, block: int = BLOCK, bits: int = BITS, symmetric: bool = False,
-                clip: int = 0, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                clip: int = 0, damp: float = 0.01, float_zero: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [N, K], calibration Gram X^T X [K, K] -> (codes, scales, zero points) as quantize_blocks, each block's
     range taken from the error-updated weights when the block is reached, then GPTQ's column-by-column rounding."""
     import torch
@@ -138,18 +159,18 @@ def gptq_blocks(w: np.ndarray, gram: np.ndarray, block: int = BLOCK, bits: int =
     blocks = -(-k // block)
     codes = np.zeros((n, blocks, block), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
-    zeros = np.zeros((n, blocks), np.uint8)
+    zeros = np.zeros((n, blocks), np.float32 if float_zero else np.uint8)
     chunk = block * max(1, 128 // block)  # lazy batch: columns of a chunk update each other, the rest once
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of vector-sized steps: more threads only spin (10x the CPU, measured)
     try:
-        _gptq_columns(W, Hinv, diag, codes, scales, zeros, block, bits, symmetric, clip, chunk)
+        _gptq_columns(W, Hinv, diag, codes, scales, zeros, block, bits, symmetric, clip, chunk, float_zero)
     finally:
         torch.set_num_threads(threads)
     return codes, scales, zeros
 
 
-def _gptq_columns(W, Hinv, diag, codes, scales, zeros, block, bits, symmetric, clip, chunk) -> None:
+def _gptq_columns(W, Hinv, diag, codes, scales, zeros, block, bits, symmetric, clip, chunk, float_zero) -> None:
     import torch
 
     n, k = W.shape
@@ -160,11 +181,12 @@ def _gptq_columns(W, Hinv, diag, codes, scales, zeros, block, bits, symmetric, c
             if (j - c0) % block == 0:
                 b, lo, hi = j // block, j - c0, min(c1, j + block) - c0
                 importance = diag[j:j + hi - lo].float().numpy() if clip else None
-                _, s, z = quantize_blocks(W1[:, lo:hi].numpy(), hi - lo, bits, symmetric, clip, importance)
+                _, s, z = quantize_blocks(W1[:, lo:hi].numpy(), hi - lo, bits, symmetric, clip, importance,
+                                          float_zero)
                 scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
                 st, zt = torch.from_numpy(s[:, 0]), torch.from_numpy(z[:, 0].astype(np.float32))
             col = W1[:, j - c0]
-            c = torch.clamp(torch.round(col / st) + zt, 0, (1 << bits) - 1)
+            c = torch.clamp(torch.round(col / st + zt), 0, (1 << bits) - 1)
             codes[:, b, j - b * block] = c.numpy().astype(np.uint8)
             err = (col - (c - zt) * st) / Hinv[j, j]
             W1[:, j - c0:] -= err[:, None] * Hinv[j, j:c1][None]
@@ -180,7 +202,11 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int) -
 
 def pack(codes: np.ndarray, zero: np.ndarray, bits: int = BITS) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' layout: int4 two values per byte, the first in the low nibble (B [N, blocks, block/2], zero
-    points [N * ceil(blocks/2)]); int8 one per byte (B [N, blocks, block], zero points [N * blocks])."""
+    points [N * ceil(blocks/2)]); int8 one per byte (B [N, blocks, block], zero points [N * blocks]). Float zero
+    points stay unpacked, [N * blocks] float32 (MatMulNBits tells the two formats apart by type)."""
+    if zero.dtype == np.float32:
+        return (codes.astype(np.uint8) if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8),
+                zero.reshape(-1))
     if bits == 8:
         return codes.astype(np.uint8), zero.astype(np.uint8).reshape(-1)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
@@ -196,46 +222,109 @@ def matmul_nbits(g, x: str, weight: np.ndarray, bias: np.ndarray | None, stem: s
     """Write x @ weight.T (+ bias) as one MatMulNBits node of graph builder `g`; weight [N, K]. None: `config`
     leaves this linear kind fp32 (the caller writes a MatMul)."""
     config = config or Int4Config()
-    bits = config.bits_for(stem.rsplit(".", 1)[-1])
+    kind = stem.rsplit(".", 1)[-1]
+    bits = config.bits_for(kind)
     if bits == 0:
         return None
+    symmetric = config.head_symmetric if kind == "lm_head" else config.symmetric
+    float_zero = config.float_zero and bits == 4 and not symmetric  # onnxruntime takes float zero points at 4 bits
     n, k = weight.shape
     if k < MIN_K or n < 1:
         raise GispError(f"--quantize int4: {stem} has shape [out {n}, in {k}]; MatMulNBits needs at least {MIN_K} "
                         "input features; export this model without --quantize int4")
-    if config.method == "gptq":
+    lossless = None
+    if config.method == "gptq":  # weights already on a grid (a GGUF's): gptq would change nothing
+        codes, scale, zero = quantize_blocks(weight, config.block, bits, symmetric, 0, None, float_zero)
+        lossless = _lossless(weight, codes, scale, zero)
+    if config.method == "gptq" and not lossless:
         if gram is None:
             raise GispError(f"--quantize int4 (gptq): no calibration Gram for {stem}")
-        codes, scale, zero = gptq_blocks(weight, gram, config.block, bits, config.symmetric, config.clip,
-                                         config.damp)
-    else:
+        codes, scale, zero = gptq_blocks(weight, gram, config.block, bits, symmetric, config.clip, config.damp,
+                                         float_zero)
+    elif config.method != "gptq":
         importance = np.diag(gram).astype(np.float32) if gram is not None else None
-        codes, scale, zero = quantize_blocks(weight, config.block, bits, config.symmetric, config.clip, importance)
+        codes, scale, zero = quantize_blocks(weight, config.block, bits, symmetric, config.clip, importance,
+                                             float_zero)
     packed, zp = pack(codes, zero, bits)
     inputs = [x, g.const(stem + ".qweight", packed), g.const(stem + ".scales", scale.reshape(-1)),
-              g.const(stem + ".zero_points", zp)]
+              "" if symmetric else g.const(stem + ".zero_points", zp)]  # symmetric: the default zero point
     if bias is not None and np.any(bias):
         inputs += ["", g.const(stem + ".bias", bias.astype(np.float32))]
+    while inputs[-1] == "":
+        inputs.pop()
     return g.op("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=config.block,
                 accuracy_level=config.accuracy_level, stem=stem)
 
 
-def input_grams(model, windows, batch_size: int = 8) -> dict[str, np.ndarray]:
-    """Calibration windows [n, seq] -> X^T X [in, in] (float32, summed over tokens) of the inputs of every linear the
-    fused graph quantises with its own input (q_proj for QKV, o_proj, gate_proj for gate and up, down_proj, the LM
-    head), by module name."""
+def _lossless(weight: np.ndarray, codes, scale, zero) -> bool:
+    """Whether the codes reproduce `weight` to float rounding (its blocks were on a 2^bits-level grid already)."""
+    err = np.abs(dequantize(codes, scale, zero, weight.shape[1]) - weight).max()
+    return bool(err <= 1e-6 * max(float(np.abs(weight).max()), 1e-30))
+
+
+# the linear whose input each Gram is taken at -> the linears of the fused graph that read that input
+GRAM_INPUTS = {"q_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_proj": ("gate_proj", "up_proj"),
+               "down_proj": ("down_proj",)}
+
+
+def gram_modules(model, config: Int4Config) -> list[str]:
+    """Names of the linears (q_proj for QKV, o_proj, gate_proj for gate and up, down_proj, the LM head) whose input
+    Gram `config` needs: every one for rtn with a clip search; for gptq those whose weights round to nearest with a
+    loss (a linear already on its grid, e.g. a Q4_1 GGUF's untouched blocks, is written as it is)."""
+    import torch
+
+    if not config.needs_calibration and not config.clip:
+        return []
+    head = model.get_output_embeddings()
+    modules = dict(model.named_modules())
+    out = []
+    for name, m in modules.items():
+        if not isinstance(m, torch.nn.Linear) or not (m is head or name.rsplit(".", 1)[-1] in GRAM_INPUTS):
+            continue
+        kind = "lm_head" if m is head else name.rsplit(".", 1)[-1]
+        bits = config.bits_for(kind)
+        if bits == 0:
+            continue
+        if config.method != "gptq" or (kind == "o_proj" and _head_dim(model) % config.block):
+            out.append(name)  # o_proj's columns move by heads: blocks stay whole only when a head is whole blocks
+            continue
+        symmetric = config.head_symmetric if kind == "lm_head" else config.symmetric
+        float_zero = config.float_zero and bits == 4 and not symmetric
+        readers = [m] if kind == "lm_head" else [modules[name.rsplit(".", 1)[0] + "." + r]
+                                                 for r in GRAM_INPUTS[kind] if name.rsplit(".", 1)[0] + "." + r in modules]
+        for lin in readers:
+            w = lin.weight.detach().float().cpu().numpy()
+            if w.shape[1] < MIN_K or not _lossless(w, *quantize_blocks(w, config.block, bits, symmetric, 0, None,
+                                                                       float_zero)):
+                out.append(name)
+                break
+    return out
+
+
+def _head_dim(model) -> int:
+    cfg = model.config.get_text_config(decoder=True)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def input_grams(model, windows, batch_size: int = 8, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Calibration windows [n, seq] -> X^T X [in, in] (float32, summed over tokens) of the inputs of the linears
+    `names` (default: every linear the fused graph quantises with its own input: q_proj for QKV, o_proj, gate_proj
+    for gate and up, down_proj, the LM head), by module name. Each batch's product is fp32, their sum fp64."""
     import torch
 
     head = model.get_output_embeddings()
     wanted = {name: m for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and (m is head or name.rsplit(".", 1)[-1] in
-                                                     ("q_proj", "o_proj", "gate_proj", "down_proj"))}
+              if isinstance(m, torch.nn.Linear) and (m is head or name.rsplit(".", 1)[-1] in GRAM_INPUTS)}
+    if names is not None:
+        wanted = {name: m for name, m in wanted.items() if name in set(names)}
     grams: dict[str, torch.Tensor] = {}
+    if not wanted:
+        return {}
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            grams[name] = grams.get(name, 0) + (x.T @ x).double()
         return fn
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in wanted.items()]
@@ -250,10 +339,13 @@ def input_grams(model, windows, batch_size: int = 8) -> dict[str, np.ndarray]:
 
 
 def calibration_grams(model, tokenizer, config: Int4Config, windows=None) -> dict[str, np.ndarray] | None:
-    """The Grams `config` needs (None for rtn without a clip search), from `windows` [n, seq] or from CALIB_WINDOWS
-    windows of WikiText-2 train cut by `tokenizer`."""
+    """The Grams `config` needs (None for rtn without a clip search; see gram_modules), from `windows` [n, seq] or
+    from CALIB_WINDOWS windows of WikiText-2 train cut by `tokenizer`."""
     if not config.needs_calibration and not config.clip:
         return None
+    names = gram_modules(model, config)
+    if not names:
+        return {}
     if windows is None:
         if tokenizer is None:
             raise GispError(f"--quantize int4 ({config.method}, clip {config.clip}) calibrates on WikiText-2 train "
@@ -262,4 +354,4 @@ def calibration_grams(model, tokenizer, config: Int4Config, windows=None) -> dic
         from gisp_fx.datasets import lm_windows, wikitext2_train_text
 
         windows = lm_windows(tokenizer, wikitext2_train_text(), CALIB_WINDOWS, CALIB_LEN, 0, "WikiText-2 train")
-    return input_grams(model, windows)
+    return input_grams(model, windows, names=names)

@@ -89,12 +89,19 @@ class OrtCausalLM:
         first = self.inputs.get(f"past_key_values.{self.past[0].layer}.key") if self.past else None
         self.cache_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        self.fused = _attention_op(self.path) == "GroupQueryAttention"
         self.eos_token_ids, self.pad_token_id = _generation_defaults(self.path.parent)
         self.device = torch.device("cpu")  # where callers hand tensors in and get them back
 
     @property
     def with_past(self) -> bool:
         return bool(self.past)
+
+    @property
+    def shares_cache(self) -> bool:
+        """Whether `step` hands each layer's attention one buffer as both past and present (the fused graph's
+        GroupQueryAttention writes the new positions in place), rather than a past that the graph copies."""
+        return self.with_past and self.fused
 
     def eval(self) -> "OrtCausalLM":
         return self
@@ -116,29 +123,47 @@ class OrtCausalLM:
         return outs[0], present
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             logits_positions: np.ndarray, past: dict | None = None):
+             logits_positions: np.ndarray, past=None, capacity: int | None = None):
         """`run` through an IO binding: the cache stays in onnxruntime's memory (on the GPU under CUDA) between
-        steps, and only the logits come back to the host. Returns (logits, present as OrtValues)."""
-        import onnxruntime as ort
+        steps, and only the logits come back to the host. Returns (logits, the cache to pass to the next step).
 
-        device = "cuda" if self.provider == "cuda" else "cpu"
+        A fused graph gets a `SharedCache`: one buffer per layer and kind of `capacity` positions (default: this
+        step's length rounded up to 64; it grows by doubling when a step outruns it) that GroupQueryAttention
+        reads as past and writes as present, so no step copies the cache. Other graphs get their present K/V as
+        OrtValues, each step's a new copy one position longer."""
         binding = self.session.io_binding()
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                             ("position_ids", position_ids), ("logits_positions", logits_positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        total = attention_mask.shape[1]
+        if self.shares_cache:
+            cache = past if past is not None else SharedCache(self, input_ids.shape[0], capacity or total)
+            cache.reserve(total)
+            for name, value in cache.buffers.items():
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), value)
+            self.session.run_with_iobinding(binding)
+            cache.length = total
+            return binding.get_outputs()[0].numpy(), cache
+        import onnxruntime as ort
+
         if past is None:
-            past = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0)
+            past = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device_name, 0)
                     for k, v in self.empty_past(input_ids.shape[0]).items()}
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
-            binding.bind_output(name, device)
+            binding.bind_output(name, self.device_name)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         present = {name.replace("present.", "past_key_values.", 1): value
                    for name, value in zip(self.output_names[1:], outs[1:])}
         return outs[0].numpy(), present
+
+    @property
+    def device_name(self) -> str:
+        return "cuda" if self.provider == "cuda" else "cpu"
 
     # the slice of the HF interface the evaluators use
     def __call__(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0,
@@ -183,7 +208,8 @@ class OrtCausalLM:
         step_ids, past, out = ids, None, [ids]
         for _ in range(max_new_tokens):
             # logits at the last position only: prefill computes one row of the LM head, not seq rows
-            logits, past = self.step(step_ids, mask, positions, np.array([step_ids.shape[1] - 1]), past)
+            logits, past = self.step(step_ids, mask, positions, np.array([step_ids.shape[1] - 1]), past,
+                                     capacity=ids.shape[1] + max_new_tokens)
             nxt = pick_next(logits[:, -1].astype(np.float32), do_sample, temperature, top_k, top_p, rng)
             nxt = np.where(done, pad, nxt)
             out.append(nxt[:, None])
@@ -195,6 +221,57 @@ class OrtCausalLM:
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+class SharedCache:
+    """The KV cache of a fused graph: per layer and kind one [batch, kv_heads, capacity, head_dim] buffer in
+    onnxruntime's memory, bound as both past and present; the first `length` positions are filled. Positions past
+    `length` are never read (GroupQueryAttention attends to `seqlens_k + 1` keys), so new buffers are left
+    uninitialised."""
+
+    STEP = 64  # capacities are multiples of this
+
+    def __init__(self, model: "OrtCausalLM", batch: int, capacity: int):
+        self.model, self.batch, self.length = model, batch, 0
+        self.capacity = 0
+        self.buffers: dict = {}
+        self.reserve(capacity)
+
+    def _new(self, spec: PastSpec, capacity: int):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_shape_and_type((self.batch, spec.heads, capacity, spec.head_dim),
+                                                         self.model.cache_dtype, self.model.device_name, 0)
+
+    def reserve(self, total: int) -> None:
+        """Room for `total` positions: a larger buffer (twice the old capacity at least) with the filled part
+        copied over, when the current one is too small."""
+        if total <= self.capacity:
+            return
+        capacity = -(-max(total, 2 * self.capacity) // self.STEP) * self.STEP
+        buffers = {}
+        for spec in self.model.past:
+            for kind in ("key", "value"):
+                name = f"past_key_values.{spec.layer}.{kind}"
+                new = self._new(spec, capacity)
+                if self.length:
+                    full = np.empty((self.batch, spec.heads, capacity, spec.head_dim), self.model.cache_dtype)
+                    full[:, :, :self.length] = self.buffers[name].numpy()[:, :, :self.length]
+                    new.update_inplace(full)
+                buffers[name] = new
+        self.buffers, self.capacity = buffers, capacity
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """The filled positions, {past name: [batch, kv_heads, length, head_dim]} (as a growing cache holds them)."""
+        return {name: value.numpy()[:, :, :self.length] for name, value in self.buffers.items()}
+
+
+def _attention_op(path: Path) -> str | None:
+    """The attention op of an export's graph: 'GroupQueryAttention' for the fused graph, else None."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "GroupQueryAttention" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else None
 
 
 def _session(path: Path, opts, provider: str):

@@ -77,7 +77,8 @@ class OrtTimer:
 
     def decode(self, ids: np.ndarray, steps: int) -> float:
         mask = np.ones_like(ids)
-        logits, past = self.model.step(ids, mask, np.arange(ids.shape[1])[None], np.array([ids.shape[1] - 1]))
+        logits, past = self.model.step(ids, mask, np.arange(ids.shape[1])[None], np.array([ids.shape[1] - 1]),
+                                       capacity=ids.shape[1] + steps)
         pos = ids.shape[1]
         t0 = time.perf_counter()
         for _ in range(steps):  # fixed length: EOS does not stop a timing run

@@ -38,7 +38,8 @@ def test_fused_parity_and_greedy_equal_torch(selection, gqa, tmp_path):
     meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
     assert meta["graph"] == "fused"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node}
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "QuickGelu"} <= ops
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "QuickGelu"} <= ops
+    assert not ops & {"RotaryEmbedding", "Split"}  # rotary runs inside GroupQueryAttention, on the packed QKV
     runner = OrtCausalLM(tmp_path / "onnx")
     if selection is SELECTION:  # layer 1 lost its attention (no cache), layer 2 its MLP
         assert [(s.layer, s.heads) for s in runner.past] == [(0, 1), (2, 2)]
@@ -207,3 +208,106 @@ def test_int4_gptq_export_with_int8_head(tmp_path):
     assert bits.pop("lm_head") == 8 and set(bits.values()) == {4} and len(bits) == 3 * 5  # 3 layers x (qkv, o, gate, up, down)
     # int4 body, int8 head: within the tolerance the rtn export keeps (measured below 0.25 as well)
     assert 1e-4 < meta["int4"]["parity"]["logits"] < 0.25
+
+
+def _snap(w: np.ndarray) -> np.ndarray:
+    """w moved onto a per-block 16-level grid, as the weights of a Q4_1 GGUF checkpoint sit when dequantised."""
+    return dequantize(*quantize_blocks(w, float_zero=True), w.shape[1])
+
+
+def _run_nbits(weight: np.ndarray, config: Int4Config, kind: str, x: np.ndarray) -> np.ndarray:
+    """x @ weight.T through one MatMulNBits node as the fused builder writes it, in onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gisp_fx.exporters.fused import _Graph
+    from gisp_fx.exporters.int4 import matmul_nbits
+
+    g = _Graph()
+    y = matmul_nbits(g, "x", weight, None, f"layers.0.{kind}", config)
+    g.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, x.shape[1]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_float_zero_points_keep_a_checkpoints_grid_and_onnxruntime_reads_them():
+    rng = np.random.default_rng(0)
+    w = _snap(rng.standard_normal((40, 96)).astype(np.float32))
+    exact = dequantize(*quantize_blocks(w, float_zero=True), 96)
+    assert np.abs(exact - w).max() < 1e-6
+    # integer zero points must put 0 inside each block's range: the same grid is lost (measured 3-4 % of the range)
+    lossy = dequantize(*quantize_blocks(w), 96)
+    assert np.abs(lossy - w).max() > 0.01 * np.abs(w).max()
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    fp32_activations = Int4Config(method="rtn", accuracy_level=0)
+    got = _run_nbits(w, fp32_activations, "down_proj", x)
+    assert np.abs(got - x @ w.T).max() < 1e-4 * np.abs(x @ w.T).max()
+    # a Q8_0 block (absmax code 127, symmetric): the symmetric 8-bit LM head keeps it exactly, with no zero points
+    q = rng.integers(-127, 128, (40, 3, BLOCK))
+    q[:, :, 0] = 127
+    w8 = (q * rng.uniform(0.001, 0.01, (40, 3, 1))).reshape(40, 96).astype(np.float32)
+    codes, scale, zero = quantize_blocks(w8, bits=8, symmetric=True)
+    assert np.abs(dequantize(codes, scale, zero, 96) - w8).max() < 1e-6
+    head = Int4Config(method="rtn", head_bits=8, head_symmetric=True, accuracy_level=0)
+    assert np.abs(_run_nbits(w8, head, "lm_head", x) - x @ w8.T).max() < 1e-4 * np.abs(x @ w8.T).max()
+    with pytest.raises(GispError, match="float_zero is an asymmetric range"):
+        Int4Config(symmetric=True, float_zero=True)
+
+
+def test_gptq_calibrates_only_the_linears_that_round_with_a_loss(tmp_path):
+    from gisp_fx.exporters.int4 import gram_modules
+    from gisp_fx.plan import GroupRef, Kind, Selection
+
+    model = tiny_model("llama-gqa", head_dim=32)  # heads of whole blocks: reordering heads keeps o_proj's blocks
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.from_numpy(_snap(m.weight.numpy())))
+    config = Int4Config()  # the default: gptq, float zero points, LM head int4
+    assert gram_modules(model, config) == []
+    # nothing needs calibrating: no tokenizer, no calibration windows; the body and head are their own grid, so with
+    # fp32 activations the int4 graph equals torch
+    exact = Int4Config(accuracy_level=0)
+    export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", quantize="int4", int4=exact)
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    assert meta["int4"]["parity"]["logits"] < 1e-4 and meta["int4"]["parity"]["present"] < 1e-4
+    # two MLP channels of layer 0 go: its down_proj's kept input columns no longer fill the grid's blocks
+    shrink_(model, analyse(model), Selection((GroupRef(0, Kind.CHANNEL, 5), GroupRef(0, Kind.CHANNEL, 7))))
+    assert gram_modules(model, config) == ["model.layers.0.mlp.down_proj"]
+    assert set(gram_modules(model, Int4Config(head_bits=8))) == {"model.layers.0.mlp.down_proj", "lm_head"}
+
+
+@pytest.mark.parametrize("selection", [None, UNEVEN], ids=["dense", "uneven"])
+def test_shared_cache_equals_a_growing_cache(selection, tmp_path):
+    """The runner's one-buffer cache (GroupQueryAttention writes in place), grown mid-generation, against the graph
+    run with a past that it copies into a longer present every step."""
+    from gisp_fx.exporters.ort import SharedCache
+
+    export_model(LoadedModel(_model(selection), None, "tiny"), tmp_path / "onnx", with_past=True)
+    runner = OrtCausalLM(tmp_path / "onnx")
+    assert runner.shares_cache
+    ids, mask = _batch()
+    ids, mask = ids.numpy(), mask.numpy()
+    positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    last = np.array([ids.shape[1] - 1])
+    SharedCache.STEP = 4  # tiny capacities, so that the buffers grow (and copy what they hold) twice below
+    try:
+        logits, cache = runner.step(ids, mask, positions, last, capacity=ids.shape[1])
+        ref, past = runner.run(ids, mask, positions, last)
+        capacities = [cache.capacity]
+        for _ in range(20):  # 8 + 20 positions in capacities of 4: 12 -> 24 -> 48
+            nxt = logits[:, -1].argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+            positions = positions[:, -1:] + 1
+            logits, cache = runner.step(nxt, mask, positions, np.array([0]), cache)
+            ref, past = runner.run(nxt, mask, positions, np.array([0]), past)
+            assert np.abs(logits - ref).max() < 1e-5
+            capacities.append(cache.capacity)
+    finally:
+        SharedCache.STEP = 64
+    assert len(set(capacities)) >= 3  # it grew twice and carried the filled positions over
+    filled = cache.numpy()
+    assert all(np.abs(filled[k] - past[k]).max() < 1e-5 for k in past)
