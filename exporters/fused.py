@@ -27,7 +27,7 @@ from gisp_fx.errors import GispError
 FAMILIES = ("llama", "qwen2")  # model_type values the fused builder covers; others take --graph traced
 MS = "com.microsoft"
 DEFAULT_POSITIONS = -(2 ** 62)  # logits_positions' default: every position (its only negative value below -1)
-NEG = float(np.finfo(np.float32).min)  # additive bias of a padded key: finite, so an all-padded row cannot NaN
+DTYPES = {"float32": np.float32, "float16": np.float16}  # the graph's float type: weights, activations, cache
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,13 @@ def _check_family(model: nn.Module) -> nn.Module:
 
 
 class _Graph:
-    """Nodes, initializers and unique names."""
+    """Nodes, initializers and unique names; float initializers are stored in `dtype` (the graph's float type)."""
 
-    def __init__(self):
+    def __init__(self, dtype=np.float32):
         from onnx import helper
 
         self.helper = helper
+        self.dtype = np.dtype(dtype)
         self.nodes, self.inits, self.counter = [], [], 0
 
     def name(self, stem: str) -> str:
@@ -107,6 +108,9 @@ class _Graph:
         from onnx import numpy_helper
 
         name = self.name(stem)
+        array = np.asarray(array)
+        if array.dtype.kind == "f":
+            array = array.astype(self.dtype)
         self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
@@ -159,10 +163,12 @@ def _gram_heads(gram: np.ndarray | None, heads: tuple[int, ...], d: int) -> np.n
     return padded[np.ix_(idx, idx)]
 
 
-def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np.ndarray] | None = None):
+def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np.ndarray] | None = None,
+          dtype: str = "float32"):
     """The fused decoder as an onnx.ModelProto, and per layer (None where attention is gone) its AttentionShape.
     `quantize`: None, or an int4.Int4Config; `grams`: calibration X^T X per input of a linear, by module name
-    (int4.input_grams), for the configs that use them."""
+    (int4.input_grams), for the configs that use them; `dtype`: 'float32', or 'float16' (weights, activations and
+    cache; the logits stay float32), the precision onnxruntime's CUDA kernels of GroupQueryAttention need."""
     from onnx import TensorProto, helper
 
     if quantize == "int4":
@@ -174,8 +180,11 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
     base = _check_family(model)
     cfg = model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = _Graph()
+    if dtype not in DTYPES:
+        raise GispError(f"export --dtype: expected one of {', '.join(DTYPES)} for the fused graph, got '{dtype}'")
+    g = _Graph(DTYPES[dtype])
     T = TensorProto
+    F = T.FLOAT16 if dtype == "float16" else T.FLOAT
     inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", T.INT64, ["batch", "total"]),
               helper.make_tensor_value_info("position_ids", T.INT64, ["batch", "seq"]),
@@ -190,9 +199,10 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
     last = g.op("Sub", [total, g.const("one32", np.array(1, np.int32))])
     seqlens = g.op("Expand", [last, batch], stem="seqlens_k")
     # additive bias [batch, 1, seq, total]: 0 on real keys, float min on padded ones
-    maskf = g.op("Cast", ["attention_mask"], to=T.FLOAT)
+    # (the most negative finite value of the graph's type: finite, so an all-padded row cannot NaN)
+    maskf = g.op("Cast", ["attention_mask"], to=F)
     bias = g.op("Mul", [g.op("Sub", [maskf, g.const("onef", np.array(1, np.float32))]),
-                        g.const("neg", np.array(-NEG, np.float32))])
+                        g.const("neg", np.array(np.finfo(g.dtype).max, np.float32))])
     bias = g.op("Unsqueeze", [bias, g.const("axes12", np.array([1, 2], np.int64))])
     seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const("one_", np.array([1], np.int64))], axis=0)
     # every new row is real for GQA (query_seqlens = seq): it lets a batch of several rows append several tokens
@@ -253,9 +263,9 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
             past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
             pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
             for name in (past_k, past_v):
-                inputs.append(helper.make_tensor_value_info(name, T.FLOAT, ["batch", s.kv_heads, "past", d]))
+                inputs.append(helper.make_tensor_value_info(name, F, ["batch", s.kv_heads, "past", d]))
             for name in (pres_k, pres_v):
-                outputs.append(helper.make_tensor_value_info(name, T.FLOAT, ["batch", s.kv_heads, "total", d]))
+                outputs.append(helper.make_tensor_value_info(name, F, ["batch", s.kv_heads, "total", d]))
             scale = float(getattr(attn, "scaling", d ** -0.5))
             # packed QKV in, rotary inside (do_rotary) at the given position_ids: with query_seqlens given the op
             # rotates every token at its own position, prompt rows included (without it a prompt would use the
@@ -306,7 +316,8 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
     head = model.get_output_embeddings()
     head_bias = _np(head.bias) if getattr(head, "bias", None) is not None else None
     logits = _linear(g, x, _np(head.weight), head_bias, "lm_head", quantize, gram_of(head))
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=T.FLOAT, name="logits") if F != T.FLOAT
+                   else helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(g.nodes, "gisp_fused_decoder", inputs, outputs, g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
@@ -316,7 +327,7 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
 
 
 def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = None,
-                gqa: str = "pad", grams: dict[str, np.ndarray] | None = None):
+                gqa: str = "pad", grams: dict[str, np.ndarray] | None = None, dtype: str = "float32"):
     """Build and save the fused graph at `path` (+ `path`.data); returns (model's CacheLayout, seconds, report)."""
     import time
     from pathlib import Path
@@ -327,7 +338,7 @@ def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = 
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        proto, shapes = build(model, quantize, gqa, grams)
+        proto, shapes = build(model, quantize, gqa, grams, dtype)
     path = Path(path)
     path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to an existing weight file
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -343,14 +354,15 @@ def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = 
     kept = [(i, s) for i, s in enumerate(shapes) if s is not None]
     model_heads = [len(set(s.kv_index)) for _, s in kept]
     layout = CacheLayout(cfg.num_hidden_layers, tuple(i for i, _ in kept), tuple(model_heads),
-                         tuple(s.head_dim for _, s in kept))
-    model_bytes = sum(2 * h * s.head_dim * 4 for h, (_, s) in zip(model_heads, kept))
-    graph_bytes = sum(2 * s.kv_heads * s.head_dim * 4 for _, s in kept)
+                         tuple(s.head_dim for _, s in kept))  # the torch model's cache (fp32), as parity feeds it
+    item = np.dtype(DTYPES[dtype]).itemsize
+    model_bytes = sum(2 * h * s.head_dim * item for h, (_, s) in zip(model_heads, kept))
+    graph_bytes = sum(2 * s.kv_heads * s.head_dim * item for _, s in kept)
     report = {"kv_index": {str(i): list(s.kv_index) for i, s in kept},
               "query_order": {str(i): list(s.query_order) for i, s in kept},
               "graph_kv_heads": [s.kv_heads for _, s in kept], "num_heads": [s.num_heads for _, s in kept],
               "cache_bytes_per_token": graph_bytes, "model_cache_bytes_per_token": model_bytes,
-              "nodes": len(proto.graph.node), "gqa": gqa,
+              "nodes": len(proto.graph.node), "gqa": gqa, "dtype": dtype,
               "quantize": quantize if quantize is None or isinstance(quantize, str) else asdict(quantize),
               "zero_query_heads": sum(s.query_order.count(-1) for _, s in kept)}
     return layout, seconds, report

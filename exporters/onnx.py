@@ -32,6 +32,7 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 META_FILE = "gisp_onnx.json"
 TOLERANCE = 1e-3  # max |diff| of logits and of present K/V, torch vs onnxruntime
+FP16_TOLERANCE = 0.25  # the same for a float16 fused graph against the float32 torch model (SmolLM2: 0.078)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def parity(model: nn.Module, layout: CacheLayout | None, onnx_path: Path, seed: 
                          for i, ix in kv_index.items() for kind in ("key", "value")})
         per_layer = [kv_index[i] for i in layout.layers for _ in range(2)]
         expected = (expected[0], *(e[:, list(ix)] for e, ix in zip(expected[1:], per_layer)))
+    ort_feed = {k: v.astype(runner.cache_dtype) if k.startswith("past_key_values.") else v for k, v in ort_feed.items()}
     got = runner.session.run(runner.output_names, ort_feed)
     diffs = [float(np.abs(g.astype(np.float32) - e.float().numpy()).max()) for g, e in zip(got, expected)]
     # logits where a query is padded attend to nothing: undefined in both engines, so left out of the figure
@@ -297,10 +299,13 @@ def _as_fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
                  quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 graph: str | None = None, gqa: str = "pad", int4=None, calibration=None) -> OnnxExport:
+                 graph: str | None = None, gqa: str = "pad", int4=None, calibration=None,
+                 dtype: str = "float32") -> OnnxExport:
     """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity.
     `int4`: an int4.Int4Config (default: Int4Config()); `calibration`: token windows [n, seq] for the configs that
-    calibrate (default: int4.CALIB_WINDOWS windows of WikiText-2 train through the model's tokenizer)."""
+    calibrate (default: int4.CALIB_WINDOWS windows of WikiText-2 train through the model's tokenizer); `dtype`:
+    the fused graph's float type ('float16' for onnxruntime's CUDA kernels, checked against torch fp32 within
+    FP16_TOLERANCE)."""
     import onnx
 
     from gisp_fx.loading import param_counts
@@ -312,6 +317,15 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         raise GispError(f"--quantize: expected 'int8' or 'int4', got '{quantize}'")
     model = _as_fp32_cpu(loaded.model).eval()
     graph = choose_graph(model, graph, with_past)
+    if dtype != "float32":
+        if graph != "fused":
+            raise GispError(f"export --dtype {dtype}: only the fused graph is written in {dtype}; use --graph fused "
+                            "(llama / qwen2 with --with-past), or export float32")
+        if quantize == "int8":
+            raise GispError(f"export --dtype {dtype} --quantize int8: onnxruntime's dynamic int8 quantises float32 "
+                            "graphs; use --quantize int4, or --dtype float32")
+        if tolerance == TOLERANCE:
+            tolerance = FP16_TOLERANCE
     if quantize == "int4" and graph != "fused":
         raise GispError("--quantize int4 writes MatMulNBits into the fused graph; it needs --graph fused "
                         f"(this export is --graph {graph})")
@@ -329,7 +343,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if graph == "fused":
             from gisp_fx.exporters.fused import write_fused
 
-            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE, gqa=gqa)
+            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE, gqa=gqa, dtype=dtype)
             kv_index = {int(k): tuple(v) for k, v in extra["kv_index"].items()}
         else:
             with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
@@ -342,7 +356,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
                             "nothing was written")
         meta = {"source": source, "opset": OPSET, "graph": graph, "with_past": layout is not None,
                 "layout": asdict(layout) if layout is not None else None, "parity": asdict(check),
-                "tolerance": tolerance, "export_s": seconds, "params": param_counts(model), "torch": torch.__version__,
+                "tolerance": tolerance, "dtype": dtype, "export_s": seconds, "params": param_counts(model), "torch": torch.__version__,
                 "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime")}
         if extra:
             meta["fused"] = extra
@@ -362,7 +376,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
         if quantize == "int4":
             from gisp_fx.exporters.fused import write_fused
 
-            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize=int4, gqa=gqa, grams=grams)
+            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize=int4, gqa=gqa, grams=grams, dtype=dtype)
             q = parity(model, layout, tmp / INT4_FILE, kv_index=kv_index)  # expected to differ: reported
             meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds, "config": asdict(int4)}
         if loaded.tokenizer is not None:

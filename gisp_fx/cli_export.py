@@ -19,7 +19,8 @@ def _export(args: argparse.Namespace) -> None:
         return
     loaded = load_model(args.model)
     result = export_model(loaded, args.output, with_past=args.with_past, overwrite=args.overwrite,
-                          quantize=args.quantize, source=args.model, graph=args.graph, gqa=args.gqa)
+                          quantize=args.quantize, source=args.model, graph=args.graph, gqa=args.gqa,
+                          dtype=args.dtype)
     p = result.parity
     present = f", present K/V {p.present:.2e}" if p.present is not None else ""
     layout = result.layout
@@ -41,7 +42,13 @@ def add_export_commands(sub) -> None:
                    help="KV-cache inputs/outputs (past_key_values.*, present.*) for generation")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="also write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
-                        "block-wise int4 MatMulNBits, block 32, GPTQ rounding calibrated on 64 WikiText-2 train windows, LM head int8)")
+                        "block-wise int4 MatMulNBits, block 32, float zero points, LM head int4; a linear that does "
+                        "not round losslessly, as a GGUF checkpoint's blocks do, gets GPTQ rounding calibrated on 64 "
+                        "WikiText-2 train windows)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="fused graph only: float16 weights, activations and cache (logits float32), the precision "
+                        "onnxruntime's CUDA GroupQueryAttention runs in (its CUDA kernel has no float32); parity "
+                        "against torch fp32 within 0.25")
     p.add_argument("--gqa", choices=["pad", "dup"], default="pad",
                    help="fused graph, uneven query groups per K/V head: pad (default) fills short groups with zero "
                         "query heads, the cache keeps the model's K/V heads; dup repeats K/V heads (bigger cache)")

@@ -311,3 +311,40 @@ def test_shared_cache_equals_a_growing_cache(selection, tmp_path):
     assert len(set(capacities)) >= 3  # it grew twice and carried the filled positions over
     filled = cache.numpy()
     assert all(np.abs(filled[k] - past[k]).max() < 1e-5 for k in past)
+
+
+@pytest.mark.parametrize("selection", [None, UNEVEN], ids=["dense", "uneven"])
+def test_float16_fused_graph(selection, tmp_path):
+    """--dtype float16 (what onnxruntime's CUDA GroupQueryAttention runs): fp16 weights, activations and cache, fp32
+    logits, within FP16_TOLERANCE of torch fp32; tested here on the CPU kernels, which take float16 too."""
+    from gisp_fx.exporters.onnx import FP16_TOLERANCE
+
+    model = _model(selection)
+    result = export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True, dtype="float16",
+                          quantize="int4", int4=Int4Config(method="rtn"))
+    assert result.parity.logits <= FP16_TOLERANCE and result.parity.logits > 1e-5  # fp16, not a copy of fp32
+    meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
+    assert meta["dtype"] == "float16" and meta["fused"]["dtype"] == "float16"
+    assert meta["fused"]["cache_bytes_per_token"] == 2 * sum(2 * h * 16 for h in meta["layout"]["kv_heads"])
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in list(graph.input) + list(graph.output)}
+    assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16 and types["logits"] == onnx.TensorProto.FLOAT
+    runner = OrtCausalLM(tmp_path / "onnx")
+    assert runner.cache_dtype == np.float16
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert (runner(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max() < FP16_TOLERANCE
+    out = runner.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    assert out.shape == (2, 15)
+    assert OrtCausalLM(tmp_path / "onnx" / INT4_FILE).generate(ids, attention_mask=mask, max_new_tokens=3).shape == (2, 12)
+
+
+def test_float16_bad_input(tmp_path):
+    with pytest.raises(GispError, match="--dtype float16: only the fused graph"):
+        export_model(LoadedModel(tiny_model("gemma2"), None, "tiny"), tmp_path / "g", dtype="float16")
+    with pytest.raises(GispError, match="--quantize int8: onnxruntime's dynamic int8 quantises float32"):
+        export_model(LoadedModel(_model(), None, "tiny"), tmp_path / "q", dtype="float16", quantize="int8")
+    with pytest.raises(GispError, match="expected one of float32, float16 for the fused graph, got 'bfloat16'"):
+        export_model(LoadedModel(_model(), None, "tiny"), tmp_path / "b", dtype="bfloat16")
+    assert not any(tmp_path.iterdir())
