@@ -2,7 +2,8 @@
 model built by onnxruntime-genai's model builder (fp32 and int4), timed in one interleaved loop.
 
     python benchmarks/latency.py                     # what `make latency` runs (needs runs/smollm2-gisp-50)
-    python benchmarks/latency.py --provider cuda     # on a machine with onnxruntime-gpu and a GPU
+    python benchmarks/latency.py --provider cuda     # on a machine with onnxruntime-gpu (+ onnxruntime-genai-cuda)
+                                                     # and a GPU: fp16 exports against genai's fp16 and int4 cuda builds
 
 Steps: materialize each sparsity of the trajectory, export dense and pruned models with the fused graph (parity-
 checked; int4 variants of the dense and the sparsest one), build genai fp32 and int4 from the dense HF folder
@@ -49,7 +50,7 @@ def exports(args) -> list[Path]:
             materialize(args.run_dir, s, str(folder), overwrite=True)
             loaded = load_model(str(folder))
         result = export_model(loaded, onnx_dir, with_past=True, overwrite=True, quantize="int4" if int4 else None,
-                              source=f"{traj.config['model']} at {100 * s:.0f} %")
+                              source=f"{traj.config['model']} at {100 * s:.0f} %", dtype=args.dtype)
         print(f"exported {100 * s:.0f} %: {result.export_s:.1f} s, parity {result.parity.logits:.1e}", flush=True)
     return out
 
@@ -64,14 +65,15 @@ def genai_builds(args) -> list[Path]:
         loaded.model.save_pretrained(hf)
         loaded.tokenizer.save_pretrained(hf)
     out = []
-    for precision in ("fp32", "int4"):
-        folder = runs / f"genai-{precision}"
+    engine = "cuda" if args.provider == "cuda" else "cpu"
+    for precision in ("fp16" if engine == "cuda" else "fp32", "int4"):
+        folder = runs / f"genai-{precision}" if engine == "cpu" else runs / f"genai-{precision}-cuda"
         out.append(folder)
         if (folder / "gisp_params.json").is_file():
             continue
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(folder),
-                        "-p", precision, "-e", "cpu", "-c", str(runs / "genai-cache")], check=True)
+                        "-p", precision, "-e", engine, "-c", str(runs / "genai-cache")], check=True)
         seconds = time.perf_counter() - t0
         loaded = loaded or load_model(str(hf))
         (folder / "gisp_params.json").write_text(json.dumps(param_counts(loaded.model)))
@@ -93,8 +95,17 @@ def paired(rows, settings) -> list[dict]:
     return out
 
 
-def quality(onnx_dirs: list[Path], windows: int) -> list[dict]:
+def quality(onnx_dirs: list[Path], genai: list[Path], windows: int) -> list[dict]:
+    """WikiText-2 perplexity of the fp32 and int4 exports of the densest and the sparsest model, and of genai's
+    own builds (their decoder run by onnxruntime directly, on the same windows)."""
+    from int4_quality import GenaiLogits
+
     rows = []
+    tokenizer = load_tokenizer(str(onnx_dirs[0]))
+    for folder in genai:
+        ppl = wikitext2_perplexity(GenaiLogits(folder), tokenizer, windows=windows, desc=folder.name)
+        rows.append({"model": folder.name, "variant": "genai", "ppl": ppl.ppl, "windows": ppl.subset})
+        print(f"{folder.name}: ppl {ppl.ppl:.2f}", flush=True)
     for folder in (onnx_dirs[0], onnx_dirs[-1]):
         tokenizer = load_tokenizer(str(folder))
         for label, file in (("fp32", "model.onnx"), ("int4", INT4_FILE)):
@@ -111,12 +122,15 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.2,0.5")
     ap.add_argument("--runs", default="runs/latency", help="where materialized models and exports go (reused)")
     ap.add_argument("--provider", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                    help="the exports' float type (default float32 on cpu, float16 on cuda)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="2,1", help="thread counts, each a full interleaved run")
-    ap.add_argument("--windows", type=int, default=32, help="WikiText-2 windows for the int4 quality figure")
+    ap.add_argument("--windows", type=int, default=256, help="WikiText-2 test windows (evenly spaced) for the int4 quality figures")
     ap.add_argument("--output", default="benchmarks/results/latency")
     ap.add_argument("--extra", default="", help="comma-separated further export folders to time alongside")
     args = ap.parse_args()
+    args.dtype = args.dtype or ("float16" if args.provider == "cuda" else "float32")
 
     onnx_dirs = exports(args)
     genai = genai_builds(args)
@@ -138,7 +152,7 @@ def main() -> None:
             lines.append(f"| {p['model']} | {p['engine']} | " + " | ".join(cells) + " |")
         lines.append("")
         print("\n".join(lines), flush=True)
-    cost = quality(onnx_dirs, args.windows)
+    cost = quality(onnx_dirs, genai, args.windows)
     lines += ["## int4 against fp32: WikiText-2 perplexity", "", "| export | variant | ppl |", "|---|---|---:|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['ppl']:.2f} |" for r in cost]
     builds = {g.name: (g / "build_s.txt").read_text().strip() for g in genai if (g / "build_s.txt").is_file()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -68,3 +69,23 @@ def test_smollm2_onnx_greedy_equals_torch_dense_and_pruned(tmp_path):
                                            pad_token_id=tok.pad_token_id)
         assert torch.equal(got, expected)
     assert json.loads((out / "onnx" / "gisp_onnx.json").read_text())["params"]["total"] < 100_000_000
+    # onnxruntime-genai's runtime on the same exports (its shared past/present buffer, per-layer K/V widths)
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = tok(["Once upon a time, in a small village by the sea, there lived"], return_tensors="pt").input_ids
+    ran = 0
+    for model, folder in ((dense.model, tmp_path / "dense-onnx"), (load_model(str(out)).model, out / "onnx")):
+        if not (folder / "genai_config.json").is_file():  # a layer lost its whole attention: said so, not written
+            assert json.loads((folder / "gisp_onnx.json").read_text())["genai"].startswith("not written")
+            continue
+        with torch.no_grad():
+            expected = model.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        genai = og.Model(str(folder))
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=expected.shape[1], do_sample=False)
+        gen = og.Generator(genai, params)
+        gen.append_tokens(prompt.numpy().astype(np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        assert [int(t) for t in gen.get_sequence(0)] == expected[0].tolist()
+        ran += 1
+    assert ran >= 1
