@@ -2,6 +2,8 @@
 
     # repair once, at the end, on a run's removals (rebuilt from the original weights, as materialize does):
     python benchmarks/repair.py end RUN_DIR --sparsities 0.5,0.2 --variants none,bias,lsq,lsq:pruned --windows 256
+    # the same with more calibration windows for the repair than the run scored with (forward passes only):
+    python benchmarks/repair.py end RUN_DIR --variants lsq --repair-calib 256,1024
     # a whole compile with repair (e.g. after every step), its report's repair time against its wall time:
     python benchmarks/repair.py compile --sparsity 0.5 --repair lsq --repair-at step --windows 256
     # the table from every row recorded so far:
@@ -19,6 +21,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,25 +59,29 @@ def run_end(args) -> None:
     traj = load_trajectory(args.run_dir)
     config = CompileConfig.from_json(traj.config)
     original = load_model(traj.config["model"])
-    calib = build_calibration(config, original.tokenizer)
-    for target in [float(x) for x in args.sparsities.split(",")]:
-        removed = _removals_for(traj, target, None)
-        for text in args.variants.split(","):
-            settings = _variant(text)
-            model = copy.deepcopy(original.model)
-            plan0 = analyse(model)
-            load0, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
-            plan, _, records = replay_repaired_(model, plan0, [removed], calib if settings.mode != "none" else None,
-                                                settings, progress=False)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            ppl = wikitext2_perplexity(model, original.tokenizer, 128, args.windows, progress=False, bos=config.bos)
-            _record({"key": f"end|{args.run_dir}|{target}|{text}|{ppl.subset}", "kind": "end", "run": args.run_dir,
-                     "method": traj.config["method"], "steps": len(traj.steps), "target": target,
-                     "sparsity": (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params,
-                     "calib": f"{config.calib_samples} x {config.seq_len}", **settings.to_json(),
-                     "params": sum(p.numel() for p in model.parameters()), "ppl": ppl.ppl, "windows": ppl.subset,
-                     "repair_wall_s": wall, "repair_cpu_s": cpu, "load": [load0, os.getloadavg()[0]]})
-            del model
+    sizes = [int(x) for x in args.repair_calib.split(",")] if args.repair_calib else [config.calib_samples]
+    for n in sizes:
+        calib = build_calibration(replace(config, calib_samples=n), original.tokenizer)
+        mine = f"{n} x {config.seq_len}" + (f" (run {config.calib_samples})" if n != config.calib_samples else "")
+        for target in [float(x) for x in args.sparsities.split(",")]:
+            removed = _removals_for(traj, target, None)
+            for text in args.variants.split(","):
+                settings = _variant(text)
+                model = copy.deepcopy(original.model)
+                plan0 = analyse(model)
+                load0, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+                plan, _, records = replay_repaired_(model, plan0, [removed], calib if settings.mode != "none" else None,
+                                                    settings, progress=False)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                ppl = wikitext2_perplexity(model, original.tokenizer, 128, args.windows, progress=False, bos=config.bos)
+                key = f"end|{args.run_dir}|{target}|{text}|{ppl.subset}" + (f"|c{n}" if n != config.calib_samples else "")
+                _record({"key": key, "kind": "end", "run": args.run_dir, "method": traj.config["method"],
+                         "steps": len(traj.steps), "target": target,
+                         "sparsity": (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params,
+                         "calib": mine, **settings.to_json(), "params": sum(p.numel() for p in model.parameters()),
+                         "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
+                         "load": [load0, os.getloadavg()[0]]})
+                del model
 
 
 def run_compile(args) -> None:
@@ -140,6 +147,8 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.5")
     p.add_argument("--variants", default="none,bias,lsq", help="mode[:dense|pruned[:damping]], comma-separated")
     p.add_argument("--windows", type=_windows, default=256)
+    p.add_argument("--repair-calib", default="", help="calibration windows for the repair, comma-separated (default: "
+                                                      "the run's own); the same seed, so smaller sets are prefixes")
     p.set_defaults(func=run_end)
     p = sub.add_parser("compile")
     p.add_argument("--model", default="smollm2")

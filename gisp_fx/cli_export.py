@@ -42,9 +42,8 @@ def add_export_commands(sub) -> None:
                    help="KV-cache inputs/outputs (past_key_values.*, present.*) for generation")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="also write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
-                        "block-wise int4 MatMulNBits, block 32, float zero points, LM head int4; a linear that does "
-                        "not round losslessly, as a GGUF checkpoint's blocks do, gets GPTQ rounding calibrated on 64 "
-                        "WikiText-2 train windows)")
+                        "block-wise int4 MatMulNBits, block 32, LM head int4, GPTQ rounding with a clip search, "
+                        "calibrated on 64 WikiText-2 train windows)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="fused graph only: float16 weights, activations and cache (logits float32), the precision "
                         "onnxruntime's CUDA GroupQueryAttention runs in (its CUDA kernel has no float32); parity "

@@ -86,7 +86,7 @@ def test_int4_blocks_round_trip():
 def test_int4_export_close_to_fp32(tmp_path):
     model = _model(UNEVEN)
     export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True, quantize="int4",
-                 int4=Int4Config(method="rtn", head_bits=4))  # round to nearest: needs no calibration
+                 int4=Int4Config(method="rtn", head_bits=4, clip=0))  # round to nearest: needs no calibration
     meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / INT4_FILE), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
@@ -113,7 +113,7 @@ def test_bad_input(tmp_path):
             setattr(mlp, name, torch.nn.Linear(old.in_features, 8, bias=False))
         mlp.down_proj = torch.nn.Linear(8, mlp.down_proj.out_features, bias=False)
     with pytest.raises(GispError, match="down_proj has shape .out 64, in 8.*without --quantize int4"):
-        export_model(LoadedModel(narrow, None, "tiny"), tmp_path / "n", quantize="int4", int4=Int4Config(method="rtn"))
+        export_model(LoadedModel(narrow, None, "tiny"), tmp_path / "n", quantize="int4", int4=Int4Config(method="rtn", clip=0))
     assert not any(tmp_path.iterdir())
 
 
@@ -242,7 +242,7 @@ def test_float_zero_points_keep_a_checkpoints_grid_and_onnxruntime_reads_them():
     lossy = dequantize(*quantize_blocks(w), 96)
     assert np.abs(lossy - w).max() > 0.01 * np.abs(w).max()
     x = rng.standard_normal((3, 96)).astype(np.float32)
-    fp32_activations = Int4Config(method="rtn", accuracy_level=0)
+    fp32_activations = Int4Config(method="rtn", accuracy_level=0, float_zero=True, clip=0)
     got = _run_nbits(w, fp32_activations, "down_proj", x)
     assert np.abs(got - x @ w.T).max() < 1e-4 * np.abs(x @ w.T).max()
     # a Q8_0 block (absmax code 127, symmetric): the symmetric 8-bit LM head keeps it exactly, with no zero points
@@ -251,7 +251,7 @@ def test_float_zero_points_keep_a_checkpoints_grid_and_onnxruntime_reads_them():
     w8 = (q * rng.uniform(0.001, 0.01, (40, 3, 1))).reshape(40, 96).astype(np.float32)
     codes, scale, zero = quantize_blocks(w8, bits=8, symmetric=True)
     assert np.abs(dequantize(codes, scale, zero, 96) - w8).max() < 1e-6
-    head = Int4Config(method="rtn", head_bits=8, head_symmetric=True, accuracy_level=0)
+    head = Int4Config(method="rtn", head_bits=8, head_symmetric=True, accuracy_level=0, clip=0)
     assert np.abs(_run_nbits(w8, head, "lm_head", x) - x @ w8.T).max() < 1e-4 * np.abs(x @ w8.T).max()
     with pytest.raises(GispError, match="float_zero is an asymmetric range"):
         Int4Config(symmetric=True, float_zero=True)
@@ -266,18 +266,20 @@ def test_gptq_calibrates_only_the_linears_that_round_with_a_loss(tmp_path):
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(torch.from_numpy(_snap(m.weight.numpy())))
-    config = Int4Config()  # the default: gptq, float zero points, LM head int4
+    config = Int4Config(float_zero=True, clip=0)  # gptq, float zero points, LM head int4
     assert gram_modules(model, config) == []
+    assert len(gram_modules(model, Int4Config())) == 3 * 4 + 1  # integer zero points cannot hold the grid
     # nothing needs calibrating: no tokenizer, no calibration windows; the body and head are their own grid, so with
     # fp32 activations the int4 graph equals torch
-    exact = Int4Config(accuracy_level=0)
+    exact = Int4Config(accuracy_level=0, float_zero=True, clip=0)
     export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", quantize="int4", int4=exact)
     meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
     assert meta["int4"]["parity"]["logits"] < 1e-4 and meta["int4"]["parity"]["present"] < 1e-4
     # two MLP channels of layer 0 go: its down_proj's kept input columns no longer fill the grid's blocks
     shrink_(model, analyse(model), Selection((GroupRef(0, Kind.CHANNEL, 5), GroupRef(0, Kind.CHANNEL, 7))))
     assert gram_modules(model, config) == ["model.layers.0.mlp.down_proj"]
-    assert set(gram_modules(model, Int4Config(head_bits=8))) == {"model.layers.0.mlp.down_proj", "lm_head"}
+    assert set(gram_modules(model, Int4Config(head_bits=8, float_zero=True, clip=0))) == {
+        "model.layers.0.mlp.down_proj", "lm_head"}
 
 
 @pytest.mark.parametrize("selection", [None, UNEVEN], ids=["dense", "uneven"])
@@ -321,7 +323,7 @@ def test_float16_fused_graph(selection, tmp_path):
 
     model = _model(selection)
     result = export_model(LoadedModel(model, None, "tiny"), tmp_path / "onnx", with_past=True, dtype="float16",
-                          quantize="int4", int4=Int4Config(method="rtn"))
+                          quantize="int4", int4=Int4Config(method="rtn", clip=0))
     assert result.parity.logits <= FP16_TOLERANCE and result.parity.logits > 1e-5  # fp16, not a copy of fp32
     meta = json.loads((tmp_path / "onnx" / META_FILE).read_text())
     assert meta["dtype"] == "float16" and meta["fused"]["dtype"] == "float16"
