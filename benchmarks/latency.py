@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -164,7 +165,8 @@ def main() -> None:
                        extra={"anchor": doc["runs"], "quality_int4": cost, "genai_build_s": builds,
                               "export_s": exports_s})
     with open(out / "bench.md", "a") as f:
-        f.write("\n" + "\n".join(lines) + "\n\nCommand: `make latency` (`python benchmarks/latency.py`).\n")
+        command = shlex.join(["python", "benchmarks/latency.py", *sys.argv[1:]])
+        f.write("\n" + "\n".join(lines) + f"\n\nCommand: `{command}` (`make latency` runs it with the defaults).\n")
     print((out / "bench.md").read_text())
     print(f"report: {out}/bench.md ({environment(replace(settings))['threads']} threads)")
 
