@@ -154,6 +154,32 @@ def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
         assert torch.allclose(rebuilt(input_ids=PROBE).logits, model(input_ids=PROBE).logits, atol=1e-5)
 
 
+def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeypatch):
+    """A run repaired under other defaults (e.g. damping 0.01 before it became 0.001) is rebuilt with the settings
+    its trajectory recorded, not with today's defaults."""
+    import gisp_fx.passes.repair as repair_mod
+
+    init = repair_mod.RepairSettings.__init__  # the compile's settings with another default damping
+    monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 0.3))
+    run = _compile(tmp_path, "run", repair="lsq", repair_at="end")
+    traj = json.loads((run.output / "trajectory" / "trajectory.json").read_text())
+    assert traj["repair"][0]["damping"] == 0.3
+    monkeypatch.undo()
+    model = load_model(str(run.output)).model
+
+    def rebuilt(folder):
+        loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+        out, _, _ = materialize(str(run.output), None, str(tmp_path / folder), step=len(traj["steps"]), loaded=loaded)
+        return out(input_ids=PROBE).logits
+
+    with torch.no_grad():
+        assert torch.allclose(rebuilt("m"), model(input_ids=PROBE).logits, atol=1e-5)
+        # the same run with the record edited to today's default rebuilds another model: the record is what counts
+        traj["repair"][0]["damping"] = repair_mod.DAMPING
+        (run.output / "trajectory" / "trajectory.json").write_text(json.dumps(traj))
+        assert not torch.allclose(rebuilt("m2"), model(input_ids=PROBE).logits, atol=1e-5)
+
+
 # bias on every family (the exporters must carry the new biases); lsq only changes values, once suffices
 @pytest.mark.parametrize("arch,mode", [(a, "bias") for a in ("llama-gqa", "qwen2", "phi3", "opt", "gpt2")]
                          + [("llama-gqa", "lsq")])
