@@ -80,7 +80,8 @@ def run_end(args) -> None:
                          "sparsity": (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params,
                          "calib": mine, **settings.to_json(), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
-                         "load": [load0, os.getloadavg()[0]]})
+                         "load": [load0, os.getloadavg()[0]],
+                         **({"note": "one pass"} if settings.inputs == "pruned" else {})})
                 del model
 
 
@@ -127,9 +128,10 @@ def write_table(_args=None) -> None:
              "repair wall s | repair CPU s | share of compile | load |",
              "|---|---|---|---:|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
+        note = f" ({r['note']})" if r.get("note") else ""
         share = f"{100 * r['repair_share']:.1f} % of {r['compile_wall_s']:.0f} s" if r["kind"] == "compile" else "-"
         lines.append(f"| {r['kind']} | {r['method']}, {r['steps']} | {r['calib']} | {100 * r['sparsity']:.1f} % | "
-                     f"{r['mode']} | {r.get('at', 'end')} | {r.get('inputs', '-')} | {r.get('damping') or '-'} | "
+                     f"{r['mode']} | {r.get('at', 'end')} | {r.get('inputs', '-')}{note} | {r.get('damping') or '-'} | "
                      f"{r['ppl']:.2f} | {r['windows']} | {r['repair_wall_s']:.1f} | {r.get('repair_cpu_s', float('nan')):.1f} | "
                      f"{share} | "
                      f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")

@@ -12,7 +12,9 @@ their inputs, captured by forward pre-hooks:
 
 Inputs: "dense" (parallel) captures every consumer's input in one forward pass of the model before this removal;
 "pruned" (sequential, as SparseGPT) goes layer by layer, each layer's inputs coming from the already pruned and
-repaired layers above it (one forward pass per pruned layer, stopped after that layer).
+repaired layers above it: one forward pass of the model gathers the hidden states entering the first pruned layer
+(and every layer's other call arguments), which are then carried through the layers one at a time, each pruned
+layer fitted and repaired before it feeds the next.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from gisp_fx.plan import Axis, GroupPlan, Selection
 MODES = ("none", "bias", "lsq")
 AT = ("step", "end")
 INPUTS = ("dense", "pruned")
+# INPUTS_BY: sequential inputs by measurement on SmolLM2 (benchmarks/results/repair.md, 256 test windows): 209.7
+# against 225.2 (dense) at 50 %, 88.9 against 93.8 at 20 %; in one pass (hidden states carried layer to layer) they
+# cost about 1.6x the CPU of the dense inputs' one forward pass, no longer a forward pass per pruned layer.
 DAMPING = 0.001  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's percdamp). Measured on SmolLM2 at
 # 50 % (benchmarks/results/repair.md, 64 windows): 0.1 -> ppl 253.5, 0.01 -> 234.6, 0.001 -> 225.2
 
@@ -39,7 +44,7 @@ DAMPING = 0.001  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's 
 class RepairSettings:
     mode: str = "none"  # none | bias | lsq
     at: str = "end"  # step: after every step of an iterative run | end: once, on the final removal
-    inputs: str = "dense"  # dense (parallel) | pruned (sequential)
+    inputs: str = "pruned"  # pruned (sequential) | dense (parallel): see INPUTS_BY
     damping: float = DAMPING
 
     def to_json(self) -> dict:
@@ -104,10 +109,9 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
                         "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
 
 
-def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool, stop_after: str | None = None,
-            progress: bool = False) -> dict[str, _Moments]:
-    """Run the calibration windows through `model`; sum the inputs (and their Gram) of every linear in `columns`."""
-    moments: dict[str, _Moments] = {}
+def _moment_hooks(model: nn.Module, columns, moments: dict[str, _Moments], gram: bool) -> list:
+    """Forward pre-hooks on the linears in `columns` that add each call's inputs to `moments` (the caller removes
+    the returned handles)."""
 
     def hook(name):
         def fn(_module, inputs):
@@ -125,10 +129,18 @@ def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool,
             m.tokens += x.shape[0]
         return fn
 
+    return [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in columns]
+
+
+def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool, stop_after: str | None = None,
+            progress: bool = False) -> dict[str, _Moments]:
+    """Run the calibration windows through `model`; sum the inputs (and their Gram) of every linear in `columns`."""
+    moments: dict[str, _Moments] = {}
+
     def stop(*_):
         raise _Stop
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in columns]
+    handles = _moment_hooks(model, columns, moments, gram)
     if stop_after is not None:
         handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
     device = next(model.parameters()).device
@@ -215,6 +227,105 @@ def _with_biases(plan: GroupPlan, created: dict[str, int]) -> GroupPlan:
     return replace(plan, linears=linears, layers=layers, total_params=plan.total_params + sum(created.values()))
 
 
+class _LayerCalls:
+    """Each calibration batch's call of a run of decoder layers: the hidden states entering the first of them and,
+    for every layer, the other positional and keyword arguments the model passed it (masks, rotary tables, position
+    ids: they do not depend on the hidden states, so one forward pass of the model yields them all)."""
+
+    def __init__(self, model: nn.Module, modules: list[str], calib, progress: bool):
+        self.hidden: list[torch.Tensor] = []
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
+        first, last = modules[0], modules[-1]
+
+        def catch(name):
+            def fn(_module, args, kwargs):
+                args, kwargs = list(args), dict(kwargs)
+                h = args.pop(0) if args else kwargs.pop("hidden_states")
+                if name == first:
+                    self.hidden.append(h.detach().clone())
+                self.calls[name].append((tuple(args), kwargs))
+                if name == last:
+                    raise _Stop
+            return fn
+
+        handles = [model.get_submodule(m).register_forward_pre_hook(catch(m), with_kwargs=True) for m in modules]
+        device = next(model.parameters()).device
+        try:
+            with torch.inference_mode():
+                ids = calib.input_ids
+                for i in tqdm(range(0, len(ids), calib.batch_size), desc="repair: layer inputs", leave=False,
+                              disable=not progress, unit="batch"):
+                    try:
+                        model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(c) != len(self.hidden) for c in self.calls.values()):
+            raise GispError(f"repair: the forward pass did not call every decoder layer from {first} to {last} "
+                            "once per batch (a gisp-fx bug for this family, please report it)")
+
+    def gather(self, model: nn.Module, module: str) -> None:
+        """Call `module` on the current hidden states for its hooks only (the output is not kept)."""
+        layer = model.get_submodule(module)
+        with torch.inference_mode():
+            for h, (args, kwargs) in zip(self.hidden, self.calls[module]):
+                layer(h, *args, **kwargs)
+
+    def run(self, model: nn.Module, module: str) -> None:
+        """Advance the hidden states through `module` (as it is now: pruned and repaired, or untouched)."""
+        layer = model.get_submodule(module)
+        with torch.inference_mode():
+            for b, (args, kwargs) in enumerate(self.calls.pop(module)):
+                out = layer(self.hidden[b], *args, **kwargs)
+                self.hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib, settings: RepairSettings,
+                 progress: bool):
+    """Sequential ("pruned") inputs in one pass: the hidden states are carried layer to layer, so each pruned
+    layer is fitted on the activations of the already pruned and repaired layers above it, and every layer runs
+    twice at most (once to gather its consumers' inputs, once repaired to feed the next)."""
+    from gisp_fx.passes.shrink import shrink_
+
+    pruned = sorted({r.layer for r in selection.removed})
+    columns, created, tokens = {}, {}, 0
+    if not pruned:
+        return shrink_(model, plan, selection), columns, created, tokens
+    span = [plan.layers[i].module for i in range(pruned[0], pruned[-1] + 1)]
+    was_training = model.training
+    model.eval()
+    try:
+        calls = _LayerCalls(model, span, calib, progress)
+        for index, module in zip(range(pruned[0], pruned[-1] + 1),
+                                 tqdm(span, desc="repair: layers", leave=False, disable=not progress, unit="layer")):
+            if index in pruned:
+                part = Selection(tuple(r for r in selection.removed if r.layer == index))
+                cols = consumer_columns(plan, part)
+                moments: dict[str, _Moments] = {}
+                handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
+                try:
+                    calls.gather(model, module)
+                finally:
+                    for h in handles:
+                        h.remove()
+                missing = sorted(set(cols) - set(moments))
+                if missing:
+                    raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])} (a "
+                                    "gisp-fx bug for this family, please report it)")
+                made = _apply(model, cols, moments, settings)
+                plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
+                created.update(made)
+                columns.update(cols)
+                tokens = next(iter(moments.values())).tokens
+            if index != pruned[-1]:
+                calls.run(model, module)
+    finally:
+        model.train(was_training)
+    return plan, columns, created, tokens
+
+
 def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                      settings: RepairSettings, progress: bool = False) -> tuple[GroupPlan, dict | None]:
     """shrink_ with the consumers repaired first; returns the new plan and a record of the repair (None when
@@ -234,16 +345,8 @@ def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, ca
         passes, tokens = int(bool(columns)), next(iter(moments.values())).tokens if moments else 0
         plan = _with_biases(shrink_(model, plan, selection), created)
     else:
-        passes, tokens, columns, created = 0, 0, {}, {}
-        for layer in sorted({r.layer for r in selection.removed}):
-            part = Selection(tuple(r for r in selection.removed if r.layer == layer))
-            cols = consumer_columns(plan, part)
-            moments = collect(model, cols, calib, need_gram, plan.layers[layer].module, progress)
-            made = _apply(model, cols, moments, settings)
-            plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
-            created.update(made)
-            columns.update(cols)
-            passes, tokens = passes + 1, next(iter(moments.values())).tokens
+        plan, columns, created, tokens = _sequential_(model, plan, selection, calib, settings, progress)
+        passes = int(bool(columns))
     record = {**settings.to_json(), "linears": len(columns), "columns_removed": int(sum(map(len, columns.values()))),
               "tokens": tokens, "forward_passes": passes, "bias_params_added": sum(created.values()), "wall_s": time.perf_counter() - t0}
     return plan, record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -178,6 +179,45 @@ def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeyp
         traj["repair"][0]["damping"] = repair_mod.DAMPING
         (run.output / "trajectory" / "trajectory.json").write_text(json.dumps(traj))
         assert not torch.allclose(rebuilt("m2"), model(input_ids=PROBE).logits, atol=1e-5)
+
+
+def _sequential_reference_(model, plan, selection, calib, settings):
+    """Sequential repair the slow, plain way: for each pruned layer a whole forward pass from the embeddings
+    through the already repaired layers, stopped after that layer."""
+    from gisp_fx.passes.repair import _apply, _with_biases, collect, consumer_columns
+
+    for layer in sorted({r.layer for r in selection.removed}):
+        part = Selection(tuple(r for r in selection.removed if r.layer == layer))
+        cols = consumer_columns(plan, part)
+        moments = collect(model, cols, calib, settings.mode == "lsq", plan.layers[layer].module)
+        made = _apply(model, cols, moments, settings)
+        plan = _with_biases(shrink_(model, plan, part), made)
+    return plan
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "phi3", "opt", "gpt2"])
+def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch):
+    """inputs=pruned carries the hidden states from layer to layer (one forward pass, then each layer on its own);
+    it must fit exactly what a fresh forward pass per pruned layer fits, on every family's layer signature, with
+    an emptied attention in the middle and an untouched layer between pruned ones."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    plan = analyse(model)
+    refs = [GroupRef(l.index, H, h) for l in plan.layers if l.attention and l.index != 2
+            for h in (range(l.attention.num_heads) if l.index == 1 else (0,))]
+    refs += [GroupRef(l.index, C, c) for l in plan.layers if l.mlp and l.index != 2 for c in range(20)]
+    selection = Selection(tuple(refs))
+    settings = RepairSettings("lsq", inputs="pruned")
+    reference, parallel = copy.deepcopy(model), copy.deepcopy(model)  # analysed: Conv1D is nn.Linear already
+    want = _sequential_reference_(reference, plan, selection, _calib(), settings)
+    got, record = shrink_repaired_(model, plan, selection, _calib(), settings)
+    assert got == want and record["forward_passes"] == 1
+    with torch.no_grad():
+        ours, theirs = model(input_ids=PROBE).logits, reference(input_ids=PROBE).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # and it is not the parallel fit: the layers below the first saw pruned inputs
+    shrink_repaired_(parallel, plan, selection, _calib(), RepairSettings("lsq", inputs="dense"))
+    with torch.no_grad():
+        assert (parallel(input_ids=PROBE).logits - theirs).abs().max() > 1e-3 * theirs.abs().max()
 
 
 # bias on every family (the exporters must carry the new biases); lsq only changes values, once suffices
