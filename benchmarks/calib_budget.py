@@ -114,8 +114,8 @@ def run(args) -> None:
             calib = build_calibration(config, original.tokenizer)
             model = copy.deepcopy(original.model)
             t0 = time.perf_counter()
-            _, _, records = replay_repaired_(model, analyse(model), [removed], calib,
-                                             RepairSettings(args.repair, "end"), progress=False)
+            settings = RepairSettings(args.repair, "end")
+            _, _, records = replay_repaired_(model, analyse(model), [removed], calib, settings, progress=False)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             repair_wall = time.perf_counter() - t0
@@ -123,7 +123,7 @@ def run(args) -> None:
             _record(args.json, {"key": f"cell|{calib_samples}x{steps}|{args.repair}-end|{tag}", "kind": "cell",
                                 **cell, "repair": f"{args.repair}-end", "ppl": ppl.ppl, "windows": ppl.subset,
                                 "sparsity": report["sparsity"]["measured"], "compile_wall_s": wall,
-                                "repair_wall_s": repair_wall})
+                                "repair_wall_s": repair_wall, "inputs": settings.inputs, "damping": settings.damping})
             del model, calib
         if args.step_repair:
             out, _, report, wall = compile_cell(calib_samples, steps, args.repair, "step")
@@ -141,7 +141,8 @@ def write_table(args) -> None:
     lines = ["# Calibration budget on SmolLM2-135M: GISP at 50 %, WikiText-2 perplexity (128-token windows)", "",
              "Written by `python benchmarks/calib_budget.py table` from calib-budget.json. Calibration: WINDOWS "
              "sequences of 128 tokens from WikiText-2 train; STEPS iterative steps. `lsq-end` replays the cell's "
-             "removals with least-squares repair once at the end (same selection); `lsq-step` is a whole compile "
+             "removals with least-squares repair once at the end (same selection; its inputs and damping in the repair "
+             "column); `lsq-step` is a whole compile "
              "that repairs after every step. Wall times are the device's named in each row.", ""]
     for r in rows:
         if r["kind"] == "dense":
@@ -153,7 +154,8 @@ def write_table(args) -> None:
     for r in cells:
         total = r["compile_wall_s"] + (r["repair_wall_s"] if r["repair"].endswith("-end") else 0.0)
         share = f"{100 * r['repair_wall_s'] / total:.1f} %" if r["repair"] != "none" else "-"
-        lines.append(f"| {r['windows_calib']} | {r['steps']} | {r['repair']} | {r['ppl']:.2f} | {r['windows']} | "
+        how = f" ({r['inputs']}, {r['damping']:g})" if "inputs" in r else ""
+        lines.append(f"| {r['windows_calib']} | {r['steps']} | {r['repair']}{how} | {r['ppl']:.2f} | {r['windows']} | "
                      f"{r['compile_wall_s']:.0f} | {r['repair_wall_s']:.1f} | {share} | {r['where']} | "
                      f"{r['batch_size']} |")
     MD.parent.mkdir(parents=True, exist_ok=True)
