@@ -109,6 +109,19 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
                         "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
 
 
+def _forward_batches(model: nn.Module, calib, desc: str, progress: bool) -> None:
+    """The calibration windows through `model` batch by batch, for its hooks (a hook may end a batch with _Stop)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        ids = calib.input_ids
+        for i in tqdm(range(0, len(ids), calib.batch_size), desc=desc, leave=False, disable=not progress,
+                      unit="batch"):
+            try:
+                model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+
+
 def _moment_hooks(model: nn.Module, columns, moments: dict[str, _Moments], gram: bool) -> list:
     """Forward pre-hooks on the linears in `columns` that add each call's inputs to `moments` (the caller removes
     the returned handles)."""
@@ -143,18 +156,10 @@ def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool,
     handles = _moment_hooks(model, columns, moments, gram)
     if stop_after is not None:
         handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
-    device = next(model.parameters()).device
     was_training = model.training
     try:
         model.eval()
-        with torch.inference_mode():
-            ids = calib.input_ids
-            for i in tqdm(range(0, len(ids), calib.batch_size), desc="repair activations", leave=False,
-                          disable=not progress, unit="batch"):
-                try:
-                    model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+        _forward_batches(model, calib, "repair activations", progress)
     finally:
         for h in handles:
             h.remove()
@@ -249,16 +254,8 @@ class _LayerCalls:
             return fn
 
         handles = [model.get_submodule(m).register_forward_pre_hook(catch(m), with_kwargs=True) for m in modules]
-        device = next(model.parameters()).device
         try:
-            with torch.inference_mode():
-                ids = calib.input_ids
-                for i in tqdm(range(0, len(ids), calib.batch_size), desc="repair: layer inputs", leave=False,
-                              disable=not progress, unit="batch"):
-                    try:
-                        model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
-                    except _Stop:
-                        pass
+            _forward_batches(model, calib, "repair: layer inputs", progress)
         finally:
             for h in handles:
                 h.remove()
