@@ -33,9 +33,9 @@ from gisp_fx.plan import Axis, GroupPlan, Selection
 MODES = ("none", "bias", "lsq")
 AT = ("step", "end")
 INPUTS = ("dense", "pruned")
-# INPUTS_BY: sequential inputs by measurement on SmolLM2 (benchmarks/results/repair.md, 256 test windows): 209.7
+# The default inputs are sequential, by measurement on SmolLM2 (benchmarks/results/repair.md, 256 test windows): 209.7
 # against 225.2 (dense) at 50 %, 88.9 against 93.8 at 20 %; in one pass (hidden states carried layer to layer) they
-# cost about 1.6x the CPU of the dense inputs' one forward pass, no longer a forward pass per pruned layer.
+# cost about twice the CPU of the dense inputs' one forward pass, no longer a forward pass per pruned layer.
 DAMPING = 0.001  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's percdamp). Measured on SmolLM2 at
 # 50 % (benchmarks/results/repair.md, 64 windows): 0.1 -> ppl 253.5, 0.01 -> 234.6, 0.001 -> 225.2
 
@@ -44,7 +44,7 @@ DAMPING = 0.001  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's 
 class RepairSettings:
     mode: str = "none"  # none | bias | lsq
     at: str = "end"  # step: after every step of an iterative run | end: once, on the final removal
-    inputs: str = "pruned"  # pruned (sequential) | dense (parallel): see INPUTS_BY
+    inputs: str = "pruned"  # pruned (sequential) | dense (parallel): the measurement is noted at INPUTS
     damping: float = DAMPING
 
     def to_json(self) -> dict:
@@ -122,6 +122,13 @@ def _forward_batches(model: nn.Module, calib, desc: str, progress: bool) -> None
                 pass
 
 
+def _check_reached(columns, moments: dict[str, _Moments]) -> None:
+    missing = sorted(set(columns) - set(moments))
+    if missing:
+        raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])}; the forward pass "
+                        "did not run these linears (a gisp-fx bug for this family, please report it)")
+
+
 def _moment_hooks(model: nn.Module, columns, moments: dict[str, _Moments], gram: bool) -> list:
     """Forward pre-hooks on the linears in `columns` that add each call's inputs to `moments` (the caller removes
     the returned handles)."""
@@ -164,10 +171,7 @@ def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool,
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = sorted(set(columns) - set(moments))
-    if missing:
-        raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])}; the forward pass "
-                        "did not run these linears (a gisp-fx bug for this family, please report it)")
+    _check_reached(columns, moments)
     return moments
 
 
@@ -307,10 +311,7 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                 finally:
                     for h in handles:
                         h.remove()
-                missing = sorted(set(cols) - set(moments))
-                if missing:
-                    raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])} (a "
-                                    "gisp-fx bug for this family, please report it)")
+                _check_reached(cols, moments)
                 made = _apply(model, cols, moments, settings)
                 plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
                 created.update(made)
