@@ -95,7 +95,8 @@ def run_compile(args) -> None:
                          f"-c{args.calib_samples}-s{args.steps}"
     config = CompileConfig(model=args.model, sparsity=args.sparsity, output=out, repair=args.repair,
                            repair_at=args.repair_at if args.repair != "none" else "end",
-                           calib_samples=args.calib_samples, steps=args.steps, eval_windows=args.windows)
+                           calib_samples=args.calib_samples, steps=args.steps, eval_windows=args.windows,
+                           checkpoint=args.checkpoint)
     load0 = os.getloadavg()[0]
     result = compile_model(config, overwrite=True, discard_partial=True, progress=False)
     r = result.report
@@ -105,7 +106,7 @@ def run_compile(args) -> None:
            "mode": args.repair, "at": config.repair_at, "inputs": r.get("repair", {}).get("inputs", "-"),
            "damping": r.get("repair", {}).get("damping"), "params": r["params"]["after"],
            "ppl": r["perplexity"]["after"], "windows": r["perplexity"]["windows"],
-           "dense_ppl": r["perplexity"]["before"], "compile_wall_s": r["wall_s"],
+           "dense_ppl": r["perplexity"]["before"], "compile_wall_s": r["wall_s"], "checkpoint": args.checkpoint,
            "repair_wall_s": r.get("repair", {}).get("wall_s", 0.0),
            "repair_share": r.get("repair", {}).get("share_of_wall", 0.0),
            "load": [load0, os.getloadavg()[0]]}
@@ -160,6 +161,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--windows", type=_windows, default=256)
+    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing while scoring (compile's default on; the same scores either way)")
     p.add_argument("--output")
     p.add_argument("--full", action="store_true", help="also evaluate the result on all 2,382 windows")
     p.set_defaults(func=run_compile)
