@@ -40,13 +40,13 @@ def _record(row: dict) -> None:
 
 
 def _variant(text: str):
-    """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01)."""
+    """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01); 'lsq:pruned:0.0001:dense' with the dense target."""
     from gisp_fx.passes.repair import DAMPING, RepairSettings
 
     mode, *rest = text.split(":")
     inputs = rest[0] if rest else "dense"
     damping = float(rest[1]) if len(rest) > 1 else DAMPING
-    return RepairSettings(mode, "end", inputs, damping)
+    return RepairSettings(mode, "end", inputs, damping, rest[2] if len(rest) > 2 else "layer")
 
 
 def run_end(args) -> None:
@@ -81,7 +81,8 @@ def run_end(args) -> None:
                          "calib": mine, **settings.to_json(), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          "load": [load0, os.getloadavg()[0]],
-                         **({"note": "one pass"} if settings.inputs == "pruned" else {})})
+                         **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")}
+                            if settings.inputs == "pruned" else {})})
                 del model
 
 
@@ -148,7 +149,8 @@ def main() -> None:
     p = sub.add_parser("end")
     p.add_argument("run_dir")
     p.add_argument("--sparsities", default="0.5")
-    p.add_argument("--variants", default="none,bias,lsq", help="mode[:dense|pruned[:damping]], comma-separated")
+    p.add_argument("--variants", default="none,bias,lsq",
+                   help="mode[:dense|pruned[:damping[:layer|dense]]] (inputs, damping, target), comma-separated")
     p.add_argument("--windows", type=_windows, default=256)
     p.add_argument("--repair-calib", default="", help="calibration windows for the repair, comma-separated (default: "
                                                       "the run's own); the same seed, so smaller sets are prefixes")

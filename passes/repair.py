@@ -15,6 +15,11 @@ Inputs: "dense" (parallel) captures every consumer's input in one forward pass o
 repaired layers above it: one forward pass of the model gathers the hidden states entering the first pruned layer
 (and every layer's other call arguments), which are then carried through the layers one at a time, each pruned
 layer fitted and repaired before it feeds the next.
+
+Targets (with sequential inputs): "layer" fits the consumer's own output before removal on those inputs, W X_p;
+"dense" fits the dense model's output of the consumer, W X_d, X_d carried through the untouched layers alongside
+(so a fit also corrects what the pruned layers above changed): W'_S = W C[:, S] (G_p[S, S] + lambda I)^-1 with the
+cross moments C = sum x_d x_p^T taken on the same tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gisp_fx.plan import Axis, GroupPlan, Selection
 MODES = ("none", "bias", "lsq")
 AT = ("step", "end")
 INPUTS = ("dense", "pruned")
+TARGETS = ("layer", "dense")
 # The default inputs are sequential, by measurement on SmolLM2 (benchmarks/results/repair.md, 256 test windows): 209.7
 # against 225.2 (dense) at 50 %, 88.9 against 93.8 at 20 %; in one pass (hidden states carried layer to layer) they
 # cost about twice the CPU of the dense inputs' one forward pass, no longer a forward pass per pruned layer.
@@ -48,9 +54,18 @@ class RepairSettings:
     at: str = "end"  # step: after every step of an iterative run | end: once, on the final removal
     inputs: str = "pruned"  # pruned (sequential) | dense (parallel): the measurement is noted at INPUTS
     damping: float = DAMPING
+    target: str = "layer"  # layer: the consumer's own output on its inputs | dense: the dense model's (pruned inputs)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise GispError(f"repair target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if self.target == "dense" and self.inputs != "pruned":
+            raise GispError("repair target 'dense' fits sequential (pruned) inputs to the dense model's output; with "
+                            "dense inputs it is the layer's own output already: use inputs 'pruned' or target 'layer'")
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping}
+        return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping,
+                "target": self.target}
 
 
 @dataclass
@@ -60,6 +75,8 @@ class _Moments:
     total: torch.Tensor
     gram: torch.Tensor | None
     tokens: int = 0
+    dense_total: torch.Tensor | None = None  # target dense: sum x_d, and (lsq) cross = sum x_d x_p^T
+    cross: torch.Tensor | None = None
 
 
 class _Stop(Exception):
@@ -177,13 +194,15 @@ def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool,
     return moments
 
 
-def lsq_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+def lsq_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
+                cross: torch.Tensor | None = None) -> torch.Tensor:
     """argmin_V ||W X - V X_S||^2 + lambda ||V||^2 in closed form: W G[:, S] (G[S, S] + lambda I)^-1, in fp64.
 
-    `gram` is G = X X^T over all input features; lambda = damping * mean(diag G[S, S])."""
+    `gram` is G = X X^T over all input features; lambda = damping * mean(diag G[S, S]). With `cross` = X_d X^T
+    the target is another input's output, argmin_V ||W X_d - V X_S||^2 + lambda ||V||^2 = W C[:, S] (...)^-1."""
     w, g = weight.double(), gram.double()
     gss = g.index_select(0, keep).index_select(1, keep)
-    rhs = w @ g.index_select(1, keep)  # [out, |S|]
+    rhs = w @ (g if cross is None else cross.double()).index_select(1, keep)  # [out, |S|]
     lam = damping * gss.diagonal().mean()
     a = gss + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device)
     chol, info = torch.linalg.cholesky_ex(a)
@@ -210,7 +229,11 @@ def _apply(model: nn.Module, columns: dict[str, np.ndarray], moments: dict[str, 
             w = lin.weight
             gone = torch.as_tensor(removed, device=w.device)
             if settings.mode == "bias":
-                shift = bias_shift(w, m.total / m.tokens, gone)
+                if m.dense_total is None:
+                    shift = bias_shift(w, m.total / m.tokens, gone)
+                else:  # the dense output's mean minus what the kept columns give on the pruned inputs
+                    kept = torch.as_tensor(np.setdiff1d(np.arange(lin.in_features), removed), device=w.device)
+                    shift = w.double() @ (m.dense_total / m.tokens) - bias_shift(w, m.total / m.tokens, kept)
                 if lin.bias is None:
                     created[name] = lin.out_features
                     lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
@@ -221,7 +244,7 @@ def _apply(model: nn.Module, columns: dict[str, np.ndarray], moments: dict[str, 
             stays[removed] = False
             keep = torch.as_tensor(np.flatnonzero(stays), device=w.device)
             if len(keep):  # a consumer that loses every column has nothing left to fit
-                w[:, keep] = lsq_columns(w, m.gram, keep, settings.damping).to(w.dtype)
+                w[:, keep] = lsq_columns(w, m.gram, keep, settings.damping, m.cross).to(w.dtype)
     return created
 
 
@@ -243,8 +266,9 @@ class _LayerCalls:
     for every layer, the other positional and keyword arguments the model passed it (masks, rotary tables, position
     ids: they do not depend on the hidden states, so one forward pass of the model yields them all)."""
 
-    def __init__(self, model: nn.Module, modules: list[str], calib, progress: bool):
+    def __init__(self, model: nn.Module, modules: list[str], calib, progress: bool, dense: bool = False):
         self.hidden: list[torch.Tensor] = []
+        self.dense: list[torch.Tensor] | None = None  # dense=True: the dense model's hidden states, carried alongside
         self.calls: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
         first, last = modules[0], modules[-1]
 
@@ -268,6 +292,8 @@ class _LayerCalls:
         if any(len(c) != len(self.hidden) for c in self.calls.values()):
             raise GispError(f"repair: the forward pass did not call every decoder layer from {first} to {last} "
                             "once per batch (a gisp-fx bug for this family, please report it)")
+        if dense:  # nothing above the first pruned layer is pruned: both streams start equal
+            self.dense = [h.clone() for h in self.hidden]
 
     def gather(self, model: nn.Module, module: str) -> None:
         """Call `module` on the current hidden states for its hooks only (the output is not kept)."""
@@ -276,13 +302,58 @@ class _LayerCalls:
             for h, (args, kwargs) in zip(self.hidden, self.calls[module]):
                 layer(h, *args, **kwargs)
 
-    def run(self, model: nn.Module, module: str) -> None:
-        """Advance the hidden states through `module` (as it is now: pruned and repaired, or untouched)."""
+    def gather_paired(self, model: nn.Module, module: str, columns, moments: dict[str, "_Moments"],
+                      gram: bool) -> None:
+        """Target dense: per batch, `module` (still untouched) on the dense hidden states, which it advances, and on
+        the pruned ones; the consumers' inputs of both, token for token, summed into `moments` (sum x_p, G_p,
+        sum x_d, C = sum x_d x_p^T)."""
+        layer = model.get_submodule(module)
+        stash: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def fn(_module, inputs):
+                stash[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            return fn
+
+        def add(name):
+            def fn(_module, inputs):
+                xp, xd = inputs[0].detach().reshape(-1, inputs[0].shape[-1]), stash.pop(name)
+                m = moments.get(name)
+                if m is None:
+                    d, dev = xp.shape[-1], xp.device
+                    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
+                    m = moments[name] = _Moments(zeros(d), zeros(d, d) if gram else None, 0, zeros(d),
+                                                 zeros(d, d) if gram else None)
+                m.total += xp.sum(0, dtype=torch.float64)
+                m.dense_total += xd.sum(0, dtype=torch.float64)
+                if gram:
+                    pf, df = xp.float(), xd.float()
+                    m.gram += (pf.T @ pf).double()
+                    m.cross += (df.T @ pf).double()
+                m.tokens += xp.shape[0]
+            return fn
+
+        with torch.inference_mode():
+            for b, (args, kwargs) in enumerate(self.calls[module]):
+                for hooks, stream in ((keep, self.dense), (add, self.hidden)):
+                    handles = [model.get_submodule(n).register_forward_pre_hook(hooks(n)) for n in columns]
+                    try:
+                        out = layer(stream[b], *args, **kwargs)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    if stream is self.dense:
+                        self.dense[b] = out[0] if isinstance(out, (tuple, list)) else out
+
+    def run(self, model: nn.Module, module: str, dense: bool = False) -> None:
+        """Advance the hidden states through `module` (as it is now: pruned and repaired, or untouched), and with
+        `dense` the dense stream too (an untouched layer is the dense model's)."""
         layer = model.get_submodule(module)
         with torch.inference_mode():
             for b, (args, kwargs) in enumerate(self.calls.pop(module)):
-                out = layer(self.hidden[b], *args, **kwargs)
-                self.hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                for stream in (self.hidden, self.dense) if dense else (self.hidden,):
+                    out = layer(stream[b], *args, **kwargs)
+                    stream[b] = out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib, settings: RepairSettings,
@@ -300,19 +371,23 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
     was_training = model.training
     model.eval()
     try:
-        calls = _LayerCalls(model, span, calib, progress)
+        paired = settings.target == "dense"
+        calls = _LayerCalls(model, span, calib, progress, dense=paired)
         for index, module in zip(range(pruned[0], pruned[-1] + 1),
                                  tqdm(span, desc="repair: layers", leave=False, disable=not progress, unit="layer")):
             if index in pruned:
                 part = Selection(tuple(r for r in selection.removed if r.layer == index))
                 cols = consumer_columns(plan, part)
                 moments: dict[str, _Moments] = {}
-                handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
-                try:
-                    calls.gather(model, module)
-                finally:
-                    for h in handles:
-                        h.remove()
+                if paired:
+                    calls.gather_paired(model, module, cols, moments, settings.mode == "lsq")
+                else:
+                    handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
+                    try:
+                        calls.gather(model, module)
+                    finally:
+                        for h in handles:
+                            h.remove()
                 _check_reached(cols, moments)
                 made = _apply(model, cols, moments, settings)
                 plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
@@ -320,7 +395,7 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                 columns.update(cols)
                 tokens = next(iter(moments.values())).tokens
             if index != pruned[-1]:
-                calls.run(model, module)
+                calls.run(model, module, dense=paired and index not in pruned)
     finally:
         model.train(was_training)
     return plan, columns, created, tokens
@@ -383,7 +458,8 @@ def materialize_repair(traj, override: str | None, calib: str | None):
     if traj.repair and recorded.mode != "none":  # the inputs and damping the run used (the defaults may have moved)
         first = traj.repair[0]
         recorded = replace(recorded, inputs=first.get("inputs", recorded.inputs),
-                            damping=float(first.get("damping", recorded.damping)))
+                            damping=float(first.get("damping", recorded.damping)),
+                            target=first.get("target", "layer"))  # runs before targets were recorded: layer
     if override is not None and override not in REPAIR_MODES:
         raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
     if override is None or override == recorded.mode:

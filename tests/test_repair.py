@@ -54,6 +54,26 @@ def test_lsq_closed_form_equals_lstsq(damping):
     assert fit_err < (0.5 if damping <= 0.01 else 1.0) * cut_err
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+def test_lsq_closed_form_with_another_target_equals_lstsq(damping):
+    """target dense: the kept columns on the pruned inputs X fitted to the dense inputs' output W X_d, from the
+    cross moments C = X_d X^T."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    xd = torch.randn(10, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 200, generator=g, dtype=torch.float64)
+    x = xd + 0.3 * torch.randn(10, 200, generator=g, dtype=torch.float64)  # the pruned model's inputs: perturbed
+    keep = torch.tensor([0, 2, 3, 5, 8, 9])
+    fitted = lsq_columns(w, x @ x.T, keep, damping, cross=xd @ x.T)
+    xs = x[keep]
+    lam = damping * (xs * xs).sum(1).mean()
+    a = torch.cat([xs.T, lam.sqrt() * torch.eye(len(keep), dtype=torch.float64)])
+    b = torch.cat([(w @ xd).T, torch.zeros(len(keep), 5, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b).solution.T
+    assert (fitted - expected).norm() / expected.norm() <= 1e-5
+    # and it is another fit than the layer's own target
+    assert (fitted - lsq_columns(w, x @ x.T, keep, damping)).norm() > 1e-3 * expected.norm()
+
+
 def test_nothing_removed_leaves_weights_unchanged():
     for mode in ("bias", "lsq"):
         model = tiny_model("llama-gqa")
@@ -160,8 +180,12 @@ def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeyp
     its trajectory recorded, not with today's defaults."""
     import gisp_fx.passes.repair as repair_mod
 
+    from dataclasses import fields
+
     init = repair_mod.RepairSettings.__init__  # the compile's settings with another default damping
-    monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 0.3))
+    defaults = list(init.__defaults__)  # every field has a default: one per field, in order
+    defaults[[f.name for f in fields(repair_mod.RepairSettings)].index("damping")] = 0.3
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
     run = _compile(tmp_path, "run", repair="lsq", repair_at="end")
     traj = json.loads((run.output / "trajectory" / "trajectory.json").read_text())
     assert traj["repair"][0]["damping"] == 0.3
@@ -278,3 +302,54 @@ def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert main(["materialize", str(run.output), "--step", "1", "--output", str(tmp_path / "m"), "--repair",
                  "none", "--calib", "x.txt"]) == 2
     assert "--calib is the calibration text of a repair" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def test_dense_target_fits_the_dense_models_output(mode):
+    """target dense (pruned inputs): with one pruned layer both streams are the same and it fits what target layer
+    fits; with a pruned layer above, the lower consumer's output on the calibration windows comes closer to the
+    dense model's than the layer target's does (lsq: the least-squares residual; bias: the output mean)."""
+    model = tiny_model("llama-gqa", num_hidden_layers=4)
+    plan = analyse(model)
+    calib = LmCalibration(tokens(16, 16, seed=2), batch_size=4)  # 256 tokens >= the MLP's inputs
+    only = Selection(tuple(GroupRef(2, C, c) for c in range(20)))
+    fits = {}
+    for target in ("layer", "dense"):
+        fits[target] = copy.deepcopy(model)
+        shrink_repaired_(fits[target], plan, only, calib, RepairSettings(mode, inputs="pruned", damping=0.0,
+                                                                         target=target))
+    with torch.no_grad():
+        a, b = fits["layer"](input_ids=PROBE).logits, fits["dense"](input_ids=PROBE).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+    # layer 0 loses a head and channels; layer 2 only channels, so its MLP input is what the fit saw
+    refs = [GroupRef(0, H, 0)] + [GroupRef(0, C, c) for c in range(30)] + [GroupRef(2, C, c) for c in range(20)]
+    down = plan.layers[2].module + ".mlp.down_proj"
+
+    def outputs(m):
+        got = []
+        handle = m.get_submodule(down).register_forward_hook(lambda _m, _i, out: got.append(out.reshape(-1, out.shape[-1])))
+        with torch.no_grad():
+            for i in range(0, len(calib.input_ids), calib.batch_size):
+                m(input_ids=calib.input_ids[i : i + calib.batch_size])
+        handle.remove()
+        return torch.cat(got).double()
+
+    want = outputs(model)
+    err = {}
+    for target in ("layer", "dense"):
+        m = copy.deepcopy(model)
+        shrink_repaired_(m, plan, Selection(tuple(refs)), calib, RepairSettings(mode, inputs="pruned", damping=0.0,
+                                                                                target=target))
+        out = outputs(m)
+        err[target] = float((out - want).norm() if mode == "lsq" else (out.mean(0) - want.mean(0)).norm())
+    assert err["dense"] < err["layer"]
+    if mode == "bias":  # the mean is matched exactly
+        assert err["dense"] <= 1e-5 * float(want.mean(0).norm())
+
+
+def test_dense_target_needs_pruned_inputs():
+    with pytest.raises(GispError, match="target 'dense'.*inputs 'pruned'"):
+        RepairSettings("lsq", inputs="dense", target="dense")
+    with pytest.raises(GispError, match="target must be one of layer, dense"):
+        RepairSettings("lsq", target="model")
