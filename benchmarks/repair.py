@@ -40,13 +40,15 @@ def _record(row: dict) -> None:
 
 
 def _variant(text: str):
-    """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01); 'lsq:pruned:0.0001:dense' with the dense target."""
+    """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01); 'lsq:pruned:0.0001:dense' with the dense target,
+    'lsq:pruned:0.0001:dense:sub' also by sublayer."""
     from gisp_fx.passes.repair import DAMPING, RepairSettings
 
     mode, *rest = text.split(":")
     inputs = rest[0] if rest else "dense"
     damping = float(rest[1]) if len(rest) > 1 else DAMPING
-    return RepairSettings(mode, "end", inputs, damping, rest[2] if len(rest) > 2 else "layer")
+    return RepairSettings(mode, "end", inputs, damping, rest[2] if len(rest) > 2 else "layer",
+                          len(rest) > 3 and rest[3] == "sub")
 
 
 def run_end(args) -> None:
@@ -81,7 +83,8 @@ def run_end(args) -> None:
                          "calib": mine, **settings.to_json(), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          "load": [load0, os.getloadavg()[0]],
-                         **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")}
+                         **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")
+                                     + (", by sublayer" if settings.sublayers else "")}
                             if settings.inputs == "pruned" else {})})
                 del model
 
@@ -150,7 +153,8 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--sparsities", default="0.5")
     p.add_argument("--variants", default="none,bias,lsq",
-                   help="mode[:dense|pruned[:damping[:layer|dense]]] (inputs, damping, target), comma-separated")
+                   help="mode[:dense|pruned[:damping[:layer|dense[:sub]]]] (inputs, damping, target, by sublayer), "
+                        "comma-separated")
     p.add_argument("--windows", type=_windows, default=256)
     p.add_argument("--repair-calib", default="", help="calibration windows for the repair, comma-separated (default: "
                                                       "the run's own); the same seed, so smaller sets are prefixes")

@@ -55,6 +55,7 @@ class RepairSettings:
     inputs: str = "pruned"  # pruned (sequential) | dense (parallel): the measurement is noted at INPUTS
     damping: float = DAMPING
     target: str = "layer"  # layer: the consumer's own output on its inputs | dense: the dense model's (pruned inputs)
+    sublayers: bool = False  # pruned inputs: the MLP's consumer fitted after the same layer's attention is repaired
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -62,10 +63,13 @@ class RepairSettings:
         if self.target == "dense" and self.inputs != "pruned":
             raise GispError("repair target 'dense' fits sequential (pruned) inputs to the dense model's output; with "
                             "dense inputs it is the layer's own output already: use inputs 'pruned' or target 'layer'")
+        if self.sublayers and self.inputs != "pruned":
+            raise GispError("repair by sublayer fits the MLP on the inputs of the repaired attention, sequential "
+                            "(pruned) inputs; with dense inputs there is no order: use inputs 'pruned'")
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping,
-                "target": self.target}
+                "target": self.target, "sublayers": self.sublayers}
 
 
 @dataclass
@@ -302,22 +306,39 @@ class _LayerCalls:
             for h, (args, kwargs) in zip(self.hidden, self.calls[module]):
                 layer(h, *args, **kwargs)
 
-    def gather_paired(self, model: nn.Module, module: str, columns, moments: dict[str, "_Moments"],
-                      gram: bool) -> None:
-        """Target dense: per batch, `module` (still untouched) on the dense hidden states, which it advances, and on
-        the pruned ones; the consumers' inputs of both, token for token, summed into `moments` (sum x_p, G_p,
-        sum x_d, C = sum x_d x_p^T)."""
+    def dense_inputs(self, model: nn.Module, module: str, names) -> list[dict[str, torch.Tensor]]:
+        """Target dense: `module` (still untouched, so the dense model's layer) on the dense hidden states, which it
+        advances; returns, per batch, the inputs of the linears `names` (tokens x features)."""
         layer = model.get_submodule(module)
-        stash: dict[str, torch.Tensor] = {}
+        batches: list[dict[str, torch.Tensor]] = []
 
         def keep(name):
             def fn(_module, inputs):
-                stash[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+                batches[-1][name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             return fn
+
+        handles = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
+        try:
+            with torch.inference_mode():
+                for b, (args, kwargs) in enumerate(self.calls[module]):
+                    batches.append({})
+                    out = layer(self.dense[b], *args, **kwargs)
+                    self.dense[b] = out[0] if isinstance(out, (tuple, list)) else out
+        finally:
+            for h in handles:
+                h.remove()
+        return batches
+
+    def gather_paired(self, model: nn.Module, module: str, columns, moments: dict[str, "_Moments"], gram: bool,
+                      dense: list[dict[str, torch.Tensor]]) -> None:
+        """Target dense: `module` on the pruned hidden states; its consumers' inputs and the dense ones of the same
+        tokens (`dense`, from dense_inputs) summed into `moments` (sum x_p, G_p, sum x_d, C = sum x_d x_p^T)."""
+        layer = model.get_submodule(module)
+        batch = [0]
 
         def add(name):
             def fn(_module, inputs):
-                xp, xd = inputs[0].detach().reshape(-1, inputs[0].shape[-1]), stash.pop(name)
+                xp, xd = inputs[0].detach().reshape(-1, inputs[0].shape[-1]), dense[batch[0]][name]
                 m = moments.get(name)
                 if m is None:
                     d, dev = xp.shape[-1], xp.device
@@ -333,17 +354,15 @@ class _LayerCalls:
                 m.tokens += xp.shape[0]
             return fn
 
-        with torch.inference_mode():
-            for b, (args, kwargs) in enumerate(self.calls[module]):
-                for hooks, stream in ((keep, self.dense), (add, self.hidden)):
-                    handles = [model.get_submodule(n).register_forward_pre_hook(hooks(n)) for n in columns]
-                    try:
-                        out = layer(stream[b], *args, **kwargs)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    if stream is self.dense:
-                        self.dense[b] = out[0] if isinstance(out, (tuple, list)) else out
+        handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in columns]
+        try:
+            with torch.inference_mode():
+                for b, (args, kwargs) in enumerate(self.calls[module]):
+                    batch[0] = b
+                    layer(self.hidden[b], *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def run(self, model: nn.Module, module: str, dense: bool = False) -> None:
         """Advance the hidden states through `module` (as it is now: pruned and repaired, or untouched), and with
@@ -362,6 +381,7 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
     layer is fitted on the activations of the already pruned and repaired layers above it, and every layer runs
     twice at most (once to gather its consumers' inputs, once repaired to feed the next)."""
     from gisp_fx.passes.shrink import shrink_
+    from gisp_fx.plan import Kind
 
     pruned = sorted({r.layer for r in selection.removed})
     columns, created, tokens = {}, {}, 0
@@ -377,23 +397,29 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                                  tqdm(span, desc="repair: layers", leave=False, disable=not progress, unit="layer")):
             if index in pruned:
                 part = Selection(tuple(r for r in selection.removed if r.layer == index))
-                cols = consumer_columns(plan, part)
-                moments: dict[str, _Moments] = {}
-                if paired:
-                    calls.gather_paired(model, module, cols, moments, settings.mode == "lsq")
-                else:
-                    handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
-                    try:
-                        calls.gather(model, module)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                _check_reached(cols, moments)
-                made = _apply(model, cols, moments, settings)
-                plan = _with_biases(shrink_(model, plan, part), made)  # other layers' indices stay as they were
-                created.update(made)
-                columns.update(cols)
-                tokens = next(iter(moments.values())).tokens
+                dense = calls.dense_inputs(model, module, consumer_columns(plan, part)) if paired else None
+                # by sublayer: the attention's consumer first, then the MLP's on the inputs of the pruned attention
+                subs = [Selection(tuple(r for r in part.removed if (r.kind is Kind.CHANNEL) == mlp)) for mlp in (False, True)]
+                for sub in (subs if settings.sublayers else [part]):
+                    if not sub.removed:
+                        continue
+                    cols = consumer_columns(plan, sub)
+                    moments: dict[str, _Moments] = {}
+                    if paired:
+                        calls.gather_paired(model, module, cols, moments, settings.mode == "lsq", dense)
+                    else:
+                        handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
+                        try:
+                            calls.gather(model, module)
+                        finally:
+                            for h in handles:
+                                h.remove()
+                    _check_reached(cols, moments)
+                    made = _apply(model, cols, moments, settings)
+                    plan = _with_biases(shrink_(model, plan, sub), made)  # other layers' indices stay as they were
+                    created.update(made)
+                    columns.update(cols)
+                    tokens = next(iter(moments.values())).tokens
             if index != pruned[-1]:
                 calls.run(model, module, dense=paired and index not in pruned)
     finally:
@@ -459,7 +485,8 @@ def materialize_repair(traj, override: str | None, calib: str | None):
         first = traj.repair[0]
         recorded = replace(recorded, inputs=first.get("inputs", recorded.inputs),
                             damping=float(first.get("damping", recorded.damping)),
-                            target=first.get("target", "layer"))  # runs before targets were recorded: layer
+                            target=first.get("target", "layer"),  # runs before targets were recorded: layer
+                            sublayers=bool(first.get("sublayers", False)))
     if override is not None and override not in REPAIR_MODES:
         raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
     if override is None or override == recorded.mode:

@@ -211,16 +211,20 @@ def _sequential_reference_(model, plan, selection, calib, settings):
     from gisp_fx.passes.repair import _apply, _with_biases, collect, consumer_columns
 
     for layer in sorted({r.layer for r in selection.removed}):
-        part = Selection(tuple(r for r in selection.removed if r.layer == layer))
-        cols = consumer_columns(plan, part)
-        moments = collect(model, cols, calib, settings.mode == "lsq", plan.layers[layer].module)
-        made = _apply(model, cols, moments, settings)
-        plan = _with_biases(shrink_(model, plan, part), made)
+        part = [r for r in selection.removed if r.layer == layer]
+        for sub in ([[r for r in part if r.kind is not C], [r for r in part if r.kind is C]] if settings.sublayers
+                    else [part]):
+            if sub:
+                cols = consumer_columns(plan, Selection(tuple(sub)))
+                moments = collect(model, cols, calib, settings.mode == "lsq", plan.layers[layer].module)
+                made = _apply(model, cols, moments, settings)
+                plan = _with_biases(shrink_(model, plan, Selection(tuple(sub))), made)
     return plan
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "phi3", "opt", "gpt2"])
-def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch):
+@pytest.mark.parametrize("arch,sublayers", [(a, False) for a in ("llama-gqa", "qwen2", "phi3", "opt", "gpt2")]
+                         + [("llama-gqa", True), ("gpt2", True)])
+def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch, sublayers):
     """inputs=pruned carries the hidden states from layer to layer (one forward pass, then each layer on its own);
     it must fit exactly what a fresh forward pass per pruned layer fits, on every family's layer signature, with
     an emptied attention in the middle and an untouched layer between pruned ones."""
@@ -230,7 +234,7 @@ def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch):
             for h in (range(l.attention.num_heads) if l.index == 1 else (0,))]
     refs += [GroupRef(l.index, C, c) for l in plan.layers if l.mlp and l.index != 2 for c in range(20)]
     selection = Selection(tuple(refs))
-    settings = RepairSettings("lsq", inputs="pruned")
+    settings = RepairSettings("lsq", inputs="pruned", sublayers=sublayers)
     reference, parallel = copy.deepcopy(model), copy.deepcopy(model)  # analysed: Conv1D is nn.Linear already
     want = _sequential_reference_(reference, plan, selection, _calib(), settings)
     got, record = shrink_repaired_(model, plan, selection, _calib(), settings)
@@ -242,6 +246,12 @@ def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch):
     shrink_repaired_(parallel, plan, selection, _calib(), RepairSettings("lsq", inputs="dense"))
     with torch.no_grad():
         assert (parallel(input_ids=PROBE).logits - theirs).abs().max() > 1e-3 * theirs.abs().max()
+    if sublayers:  # the MLPs fitted after their layer's attention is repaired: another fit than beside it
+        whole = tiny_model(arch, num_hidden_layers=4)
+        analyse(whole)
+        shrink_repaired_(whole, plan, selection, _calib(), RepairSettings("lsq", inputs="pruned"))
+        with torch.no_grad():
+            assert (whole(input_ids=PROBE).logits - theirs).abs().max() > 1e-4 * theirs.abs().max()
 
 
 # bias on every family (the exporters must carry the new biases); lsq only changes values, once suffices
@@ -304,8 +314,8 @@ def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "--calib is the calibration text of a repair" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["bias", "lsq"])
-def test_dense_target_fits_the_dense_models_output(mode):
+@pytest.mark.parametrize("mode,sublayers", [("bias", False), ("lsq", False), ("bias", True), ("lsq", True)])
+def test_dense_target_fits_the_dense_models_output(mode, sublayers):
     """target dense (pruned inputs): with one pruned layer both streams are the same and it fits what target layer
     fits; with a pruned layer above, the lower consumer's output on the calibration windows comes closer to the
     dense model's than the layer target's does (lsq: the least-squares residual; bias: the output mean)."""
@@ -322,8 +332,10 @@ def test_dense_target_fits_the_dense_models_output(mode):
         a, b = fits["layer"](input_ids=PROBE).logits, fits["dense"](input_ids=PROBE).logits
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
 
-    # layer 0 loses a head and channels; layer 2 only channels, so its MLP input is what the fit saw
+    # layer 0 loses a head and channels; layer 2 only channels, so its MLP input is what the fit saw (by sublayer,
+    # also a head: the MLP is fitted on the inputs of the repaired attention)
     refs = [GroupRef(0, H, 0)] + [GroupRef(0, C, c) for c in range(30)] + [GroupRef(2, C, c) for c in range(20)]
+    refs += [GroupRef(2, H, 1)] if sublayers else []
     down = plan.layers[2].module + ".mlp.down_proj"
 
     def outputs(m):
@@ -340,7 +352,7 @@ def test_dense_target_fits_the_dense_models_output(mode):
     for target in ("layer", "dense"):
         m = copy.deepcopy(model)
         shrink_repaired_(m, plan, Selection(tuple(refs)), calib, RepairSettings(mode, inputs="pruned", damping=0.0,
-                                                                                target=target))
+                                                                                target=target, sublayers=sublayers))
         out = outputs(m)
         err[target] = float((out - want).norm() if mode == "lsq" else (out.mean(0) - want.mean(0)).norm())
     assert err["dense"] < err["layer"]
@@ -353,3 +365,5 @@ def test_dense_target_needs_pruned_inputs():
         RepairSettings("lsq", inputs="dense", target="dense")
     with pytest.raises(GispError, match="target must be one of layer, dense"):
         RepairSettings("lsq", target="model")
+    with pytest.raises(GispError, match="by sublayer.*use inputs 'pruned'"):
+        RepairSettings("lsq", inputs="dense", sublayers=True)
