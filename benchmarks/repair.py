@@ -51,6 +51,13 @@ def _variant(text: str):
                           len(rest) > 3 and rest[3] == "sub")
 
 
+def _settings_row(settings) -> dict:
+    """The repair settings as row fields; the fit's target is 'fit' (a row's 'target' is its sparsity)."""
+    row = settings.to_json()
+    row["fit"] = row.pop("target")
+    return row
+
+
 def run_end(args) -> None:
     from gisp_fx.config import CompileConfig
     from gisp_fx.evaluate import wikitext2_perplexity
@@ -80,7 +87,7 @@ def run_end(args) -> None:
                 _record({"key": key, "kind": "end", "run": args.run_dir, "method": traj.config["method"],
                          "steps": len(traj.steps), "target": target,
                          "sparsity": (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params,
-                         "calib": mine, **settings.to_json(), "params": sum(p.numel() for p in model.parameters()),
+                         "calib": mine, **_settings_row(settings), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          "load": [load0, os.getloadavg()[0]],
                          **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")
