@@ -41,14 +41,18 @@ def _record(row: dict) -> None:
 
 def _variant(text: str):
     """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01); 'lsq:pruned:0.0001:dense' with the dense target,
-    'lsq:pruned:0.0001:dense:sub' also by sublayer."""
+    'lsq:pruned:0.0001:dense:sub' also by sublayer, 'lsq:pruned:0.0001:layer:affine' with an intercept (flags after
+    the target: sub, affine)."""
     from gisp_fx.passes.repair import DAMPING, RepairSettings
 
     mode, *rest = text.split(":")
     inputs = rest[0] if rest else "dense"
     damping = float(rest[1]) if len(rest) > 1 else DAMPING
+    flags = set(rest[3:])
+    if flags - {"sub", "affine"}:
+        raise SystemExit(f"variant {text}: unknown flags {sorted(flags - {'sub', 'affine'})} (sub, affine)")
     return RepairSettings(mode, "end", inputs, damping, rest[2] if len(rest) > 2 else "layer",
-                          len(rest) > 3 and rest[3] == "sub")
+                          "sub" in flags, "affine" in flags)
 
 
 def _settings_row(settings) -> dict:
@@ -91,7 +95,8 @@ def run_end(args) -> None:
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          "load": [load0, os.getloadavg()[0]],
                          **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")
-                                     + (", by sublayer" if settings.sublayers else "")}
+                                     + (", by sublayer" if settings.sublayers else "")
+                                     + (", with intercept" if settings.intercept else "")}
                             if settings.inputs == "pruned" else {})})
                 del model
 

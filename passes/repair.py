@@ -9,6 +9,8 @@ their inputs, captured by forward pre-hooks:
 - lsq (closed-form reconstruction): the kept columns are re-fitted so that the consumer's output on the calibration
   activations matches the output before removal, W'_S = W G[:, S] (G[S, S] + lambda I)^-1, from the Gram matrix
   G = sum x x^T (per-batch products in fp32, summed over batches in fp64), lambda = damping * mean(diag G[S, S]).
+  With `intercept` the fit is affine: V and a bias b together, V from the centred moments G - s s^T / N (s = sum x,
+  N tokens) and b = b0 + W mean(x) - V mean(x_S), which lsq alone can only approximate through the kept columns.
 
 Inputs: "dense" (parallel) captures every consumer's input in one forward pass of the model before this removal;
 "pruned" (sequential, as SparseGPT) goes layer by layer, each layer's inputs coming from the already pruned and
@@ -56,6 +58,7 @@ class RepairSettings:
     damping: float = DAMPING
     target: str = "layer"  # layer: the consumer's own output on its inputs | dense: the dense model's (pruned inputs)
     sublayers: bool = False  # pruned inputs: the MLP's consumer fitted after the same layer's attention is repaired
+    intercept: bool = False  # lsq: fit a bias with the kept columns (an affine fit, on centred moments)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -66,10 +69,13 @@ class RepairSettings:
         if self.sublayers and self.inputs != "pruned":
             raise GispError("repair by sublayer fits the MLP on the inputs of the repaired attention, sequential "
                             "(pruned) inputs; with dense inputs there is no order: use inputs 'pruned'")
+        if self.intercept and self.mode != "lsq":
+            raise GispError(f"repair intercept fits a bias alongside lsq's columns; mode '{self.mode}' has no fit "
+                            "(bias already is the mean shift): use mode 'lsq'")
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping,
-                "target": self.target, "sublayers": self.sublayers}
+                "target": self.target, "sublayers": self.sublayers, "intercept": self.intercept}
 
 
 @dataclass
@@ -217,6 +223,14 @@ def lsq_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, da
     return torch.cholesky_solve(rhs.T, chol).T
 
 
+def centred(moments: "_Moments") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Gram (and cross moments) about the means, G - s s^T / N (C - s_d s^T / N): an affine fit's moments."""
+    n, s = moments.tokens, moments.total.double()
+    gram = moments.gram.double() - torch.outer(s, s) / n
+    cross = None if moments.cross is None else moments.cross.double() - torch.outer(moments.dense_total.double(), s) / n
+    return gram, cross
+
+
 def bias_shift(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """The removed columns' mean contribution to the output, W[:, R] @ mean(x_R), in fp64."""
     return weight.double().index_select(1, removed) @ mean.double().index_select(0, removed)
@@ -247,8 +261,22 @@ def _apply(model: nn.Module, columns: dict[str, np.ndarray], moments: dict[str, 
             stays = np.ones(lin.in_features, dtype=bool)
             stays[removed] = False
             keep = torch.as_tensor(np.flatnonzero(stays), device=w.device)
-            if len(keep):  # a consumer that loses every column has nothing left to fit
+            if not len(keep):  # a consumer that loses every column has nothing left to fit
+                continue
+            if not settings.intercept:
                 w[:, keep] = lsq_columns(w, m.gram, keep, settings.damping, m.cross).to(w.dtype)
+                continue
+            # affine: V on the centred moments, then the bias that matches the target's mean, W mu_t - V mu_S
+            gram, cross = centred(m)
+            v = lsq_columns(w, gram, keep, settings.damping, cross)
+            mean_t = (m.total if m.dense_total is None else m.dense_total).double() / m.tokens
+            shift = w.double() @ mean_t - v @ (m.total.double() / m.tokens).index_select(0, keep)
+            if lin.bias is None:
+                created[name] = lin.out_features
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                        requires_grad=w.requires_grad)
+            lin.bias.copy_((lin.bias.double() + shift).to(w.dtype))
+            w[:, keep] = v.to(w.dtype)
     return created
 
 
@@ -486,7 +514,8 @@ def materialize_repair(traj, override: str | None, calib: str | None):
         recorded = replace(recorded, inputs=first.get("inputs", recorded.inputs),
                             damping=float(first.get("damping", recorded.damping)),
                             target=first.get("target", "layer"),  # runs before targets were recorded: layer
-                            sublayers=bool(first.get("sublayers", False)))
+                            sublayers=bool(first.get("sublayers", False)),
+                            intercept=bool(first.get("intercept", False)))
     if override is not None and override not in REPAIR_MODES:
         raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
     if override is None or override == recorded.mode:

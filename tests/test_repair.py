@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,54 @@ def test_lsq_closed_form_with_another_target_equals_lstsq(damping):
     assert (fitted - expected).norm() / expected.norm() <= 1e-5
     # and it is another fit than the layer's own target
     assert (fitted - lsq_columns(w, x @ x.T, keep, damping)).norm() > 1e-3 * expected.norm()
+
+
+@pytest.mark.parametrize("damping,dense", [(0.0, False), (0.01, False), (0.0, True), (0.01, True)])
+def test_lsq_with_intercept_equals_an_affine_lstsq(damping, dense):
+    """intercept: V and the bias together equal an ordinary least squares on [X_S^T, 1] with the bias unpenalised
+    (lambda from the centred Gram's diagonal), for the layer's own target and for another input's output."""
+    from torch import nn
+
+    from gisp_fx.passes.repair import _apply, _Moments
+
+    g = torch.Generator().manual_seed(4)
+    lin = nn.Linear(10, 5, bias=True).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(5, 10, generator=g, dtype=torch.float64))
+        lin.bias.copy_(torch.randn(5, generator=g, dtype=torch.float64))
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    # inputs with means far from zero (what an intercept absorbs), correlated through 6 factors
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 200, generator=g, dtype=torch.float64)
+    x += 0.1 * torch.randn(10, 200, generator=g, dtype=torch.float64) + 2.0 + torch.arange(10, dtype=torch.float64)[:, None] / 5
+    xd = x + 0.3 * torch.randn(10, 200, generator=g, dtype=torch.float64) if dense else None
+    removed = np.array([1, 4, 7])
+    keep = torch.tensor([0, 2, 3, 5, 6, 8, 9])
+    moments = {"lin": _Moments(x.sum(1), x @ x.T, 200, xd.sum(1) if dense else None, xd @ x.T if dense else None)}
+    holder = nn.Module()
+    holder.lin = lin
+    _apply(holder, {"lin": removed}, moments, RepairSettings("lsq", damping=damping, intercept=True,
+                                                             target="dense" if dense else "layer"))
+    xs = x[keep]
+    centred = xs - xs.mean(1, keepdim=True)
+    lam = damping * (centred * centred).sum(1).mean()
+    n = len(keep)
+    a = torch.cat([torch.cat([xs.T, torch.ones(200, 1, dtype=torch.float64)], 1),
+                   torch.cat([lam.sqrt() * torch.eye(n, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)], 1)])
+    y = (w0 @ (xd if dense else x)).T + b0
+    b = torch.cat([y, torch.zeros(n, 5, dtype=torch.float64)])
+    sol = torch.linalg.lstsq(a, b).solution.T  # [5, n + 1]
+    assert (lin.weight[:, keep] - sol[:, :n]).norm() / sol[:, :n].norm() <= 1e-6
+    assert (lin.bias - sol[:, n]).norm() / sol[:, n].norm() <= 1e-6
+    # and the affine fit's residual is below lsq's without an intercept
+    plain = lsq_columns(w0, x @ x.T, keep, damping, xd @ x.T if dense else None)
+    affine_err = (y.T - lin.weight[:, keep].detach() @ xs - lin.bias.detach()[:, None]).norm()
+    plain_err = (y.T - plain @ xs - b0[:, None]).norm()
+    assert affine_err < plain_err
+
+
+def test_intercept_is_an_lsq_setting():
+    with pytest.raises(GispError, match="intercept.*use mode 'lsq'"):
+        RepairSettings("bias", intercept=True)
 
 
 def test_nothing_removed_leaves_weights_unchanged():
@@ -256,7 +305,7 @@ def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch, sublayers):
 
 # bias on every family (the exporters must carry the new biases); lsq only changes values, once suffices
 @pytest.mark.parametrize("arch,mode", [(a, "bias") for a in ("llama-gqa", "qwen2", "phi3", "opt", "gpt2")]
-                         + [("llama-gqa", "lsq")])
+                         + [("llama-gqa", "lsq"), ("llama-gqa", "lsq+intercept")])
 def test_repaired_families_save_load_and_export(arch, mode, tmp_path):
     from gisp_fx.exporters.onnx import export_model
     from gisp_fx.save import save_pruned
@@ -267,7 +316,10 @@ def test_repaired_families_save_load_and_export(arch, mode, tmp_path):
     refs = [GroupRef(l.index, H, h) for l in plan.layers if l.attention
             for h in (range(l.attention.num_heads) if l.index == 1 else (0,))]
     refs += [GroupRef(l.index, C, c) for l in plan.layers if l.mlp for c in range(20)]
-    shrink_repaired_(model, plan, Selection(tuple(refs)), _calib(), RepairSettings(mode))
+    settings = RepairSettings("lsq", intercept=True) if mode == "lsq+intercept" else RepairSettings(mode)
+    _, record = shrink_repaired_(model, plan, Selection(tuple(refs)), _calib(), settings)
+    if arch == "llama-gqa":  # its consumers have no bias of their own: bias and the intercept add one
+        assert (record["bias_params_added"] > 0) == (mode != "lsq")
     save_pruned(model, tiny_tokenizer(), tmp_path / "m")
     loaded = load_model(str(tmp_path / "m"))
     with torch.no_grad():
