@@ -58,7 +58,9 @@ class RepairSettings:
     damping: float = DAMPING
     target: str = "layer"  # layer: the consumer's own output on its inputs | dense: the dense model's (pruned inputs)
     sublayers: bool = False  # pruned inputs: the MLP's consumer fitted after the same layer's attention is repaired
-    intercept: bool = False  # lsq: fit a bias with the kept columns (an affine fit, on centred moments)
+    # lsq: fit a bias with the kept columns (an affine fit, on centred moments). Off: on SmolLM2 it gains 0.3 % at 50 %
+    # (203.8 against 204.4, 256 test windows) and nothing at 20 % (86.52 against 86.57), for a bias the model lacked.
+    intercept: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
