@@ -9,11 +9,13 @@ with and without least-squares repair -> benchmarks/results/calib-budget.{json,m
     python benchmarks/calib_budget.py table
 
 A cell is WINDOWSxSTEPS: WINDOWS calibration sequences of 128 tokens (WikiText-2 train), STEPS iterative steps. The
-repaired row replays the cell's removals on the original weights with `lsq` from the dense model's activations on
-the same calibration windows (what `gisp-fx materialize RUN --repair lsq` does), so it shares the cell's selection.
-A cell whose run folder already holds a finished compile of the same settings is not compiled again (its recorded
-wall time is used): copy `make compile`'s run to runs/calib-budget/w64-s8 to reuse it. Rows accumulate in the JSON (`--json`, default results/calib-budget.json; a row with the same key replaces the older
-one), each with the device it ran on and its wall times; `table` writes the markdown and the PNG.
+repaired row replays the cell's removals on the original weights with `lsq` at the end, at the current defaults
+(`RepairSettings`: sequential inputs, damping 0.0001) on the same calibration windows (what `gisp-fx materialize RUN
+--repair lsq` does), so it shares the cell's selection; its key names the inputs and damping, so rows fitted under
+older defaults stay beside the new ones. A cell whose run folder already holds a finished compile of the same settings
+is not compiled again (its recorded wall time is used): copy `make compile`'s run to runs/calib-budget/w64-s8 to reuse
+it. Rows accumulate in the JSON (`--json`, default results/calib-budget.json; a row with the same key replaces the
+older one), each with the device it ran on and its wall times; `table` writes the markdown and the PNG.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def run(args) -> None:
                 torch.cuda.synchronize()
             repair_wall = time.perf_counter() - t0
             ppl = wikitext2_perplexity(model, original.tokenizer, 128, windows, progress=False)
-            _record(args.json, {"key": f"cell|{calib_samples}x{steps}|{args.repair}-end|{tag}", "kind": "cell",
+            fit = f"{settings.inputs}|{settings.damping:g}"  # a row per fit, so older defaults' rows stay comparable
+            _record(args.json, {"key": f"cell|{calib_samples}x{steps}|{args.repair}-end|{tag}|{fit}", "kind": "cell",
                                 **cell, "repair": f"{args.repair}-end", "ppl": ppl.ppl, "windows": ppl.subset,
                                 "sparsity": report["sparsity"]["measured"], "compile_wall_s": wall,
                                 "repair_wall_s": repair_wall, "inputs": settings.inputs, "damping": settings.damping})
@@ -172,12 +175,16 @@ def _plot(cells: list[dict], dense: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"none": "-", "lsq-end": "--", "lsq-step": ":", "bias-end": "-."}
+    def fit(r: dict) -> str:  # the repair and, for a replayed fit, its inputs and damping
+        return r["repair"] + (f" ({r['inputs']}, {r['damping']:g})" if "inputs" in r else "")
+
+    markers = ("o", "s", "^", "D")
     for steps, colour in zip(sorted({r["steps"] for r in cells}), ("tab:blue", "tab:orange", "tab:green")):
-        for repair in sorted({r["repair"] for r in cells}):
-            pts = sorted((r["windows_calib"], r["ppl"]) for r in cells if r["steps"] == steps and r["repair"] == repair)
+        for i, how in enumerate(sorted({fit(r) for r in cells})):
+            pts = sorted((r["windows_calib"], r["ppl"]) for r in cells if r["steps"] == steps and fit(r) == how)
             if pts:
-                ax.plot(*zip(*pts), styles.get(repair, "-"), marker="o", color=colour,
-                        label=f"{steps} steps, repair {repair}")
+                ax.plot(*zip(*pts), styles.get(how.split(" ")[0], "-"), marker=markers[i % len(markers)],
+                        color=colour, label=f"{steps} steps, repair {how}")
     for r in dense:
         ax.axhline(r["ppl"], color="grey", lw=0.8)
         ax.text(ax.get_xlim()[0], r["ppl"], f" dense {r['ppl']:.1f}", va="bottom", color="grey", fontsize=8)
