@@ -78,7 +78,7 @@ def _previous(args) -> tuple[list[dict], float]:
         raise SystemExit(f"--append: {path} was measured with {theirs}, this run with {mine}; pass the same "
                          "--model/--limit/--windows/--seed or a new --output")
     first = [f"python benchmarks/quality.py --limit {doc['limit']} --windows {doc['windows']}"]  # before commands
-    args.commands = [*doc.get("commands", first), *args.commands]
+    args.commands = list(dict.fromkeys([*doc.get("commands", first), *args.commands]))  # a re-run is listed once
     return doc["rows"], float(doc["wall_s"])
 
 
