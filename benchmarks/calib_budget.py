@@ -15,7 +15,7 @@ repaired row replays the cell's removals on the original weights with `lsq` at t
 older defaults stay beside the new ones. A cell whose run folder already holds a finished compile of the same settings
 is not compiled again (its recorded wall time is used): copy `make compile`'s run to runs/calib-budget/w64-s8 to reuse
 it. Rows accumulate in the JSON (`--json`, default results/calib-budget.json; a row with the same key replaces the
-older one), each with the device it ran on and its wall times; `table` writes the markdown and the PNG.
+older one), each with the device it ran on and its wall times; `table` writes the markdown and the PNG beside the JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-JSON, MD, PNG = RESULTS / "calib-budget.json", RESULTS / "calib-budget.md", RESULTS / "calib-budget.png"
+JSON = RESULTS / "calib-budget.json"
 
 
 def _rows(path: Path) -> list[dict]:
@@ -98,10 +98,9 @@ def run(args) -> None:
             if replace(theirs, output=out) == config:
                 print(f"{out}: reusing its finished compile ({report['wall_s']:.0f} s)", flush=True)
                 return out, config, report, report["wall_s"]
-        t0 = time.perf_counter()
         report = compile_model(config, overwrite=True, discard_partial=True, progress=False,
                                loaded=copy.deepcopy(original)).report
-        return out, config, report, time.perf_counter() - t0
+        return out, config, report, report["wall_s"]  # the compile's own wall time, as a reused run records it
 
     for calib_samples, steps in args.cells:
         cell = {**common, "windows_calib": calib_samples, "steps": steps}
@@ -137,6 +136,14 @@ def run(args) -> None:
                                 "repair_wall_s": report.get("repair", {}).get("wall_s", 0.0)})
 
 
+INPUTS = {"pruned": "sequential", "dense": "parallel"}  # RepairSettings.inputs as the README names it
+
+
+def _fit_label(r: dict) -> str:
+    """The row's repair and, for a replayed fit, its inputs (sequential or parallel) and damping."""
+    return r["repair"] + (f" ({INPUTS.get(r['inputs'], r['inputs'])}, {r['damping']:g})" if "inputs" in r else "")
+
+
 def write_table(args) -> None:
     rows = _rows(args.json)
     if not rows:
@@ -157,17 +164,17 @@ def write_table(args) -> None:
     for r in cells:
         total = r["compile_wall_s"] + (r["repair_wall_s"] if r["repair"].endswith("-end") else 0.0)
         share = f"{100 * r['repair_wall_s'] / total:.1f} %" if r["repair"] != "none" else "-"
-        how = f" ({r['inputs']}, {r['damping']:g})" if "inputs" in r else ""
-        lines.append(f"| {r['windows_calib']} | {r['steps']} | {r['repair']}{how} | {r['ppl']:.2f} | {r['windows']} | "
+        lines.append(f"| {r['windows_calib']} | {r['steps']} | {_fit_label(r)} | {r['ppl']:.2f} | {r['windows']} | "
                      f"{r['compile_wall_s']:.0f} | {r['repair_wall_s']:.1f} | {share} | {r['where']} | "
                      f"{r['batch_size']} |")
-    MD.parent.mkdir(parents=True, exist_ok=True)
-    MD.write_text("\n".join(lines) + "\n")
-    print(MD.read_text())
-    _plot(cells, [r for r in rows if r["kind"] == "dense"])
+    md = args.json.with_suffix(".md")  # the report sits beside its rows (results/calib-budget.{md,png} by default)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+    print(md.read_text())
+    _plot(cells, [r for r in rows if r["kind"] == "dense"], args.json.with_suffix(".png"))
 
 
-def _plot(cells: list[dict], dense: list[dict]) -> None:
+def _plot(cells: list[dict], dense: list[dict], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,13 +182,10 @@ def _plot(cells: list[dict], dense: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"none": "-", "lsq-end": "--", "lsq-step": ":", "bias-end": "-."}
-    def fit(r: dict) -> str:  # the repair and, for a replayed fit, its inputs and damping
-        return r["repair"] + (f" ({r['inputs']}, {r['damping']:g})" if "inputs" in r else "")
-
     markers = ("o", "s", "^", "D")
     for steps, colour in zip(sorted({r["steps"] for r in cells}), ("tab:blue", "tab:orange", "tab:green")):
-        for i, how in enumerate(sorted({fit(r) for r in cells})):
-            pts = sorted((r["windows_calib"], r["ppl"]) for r in cells if r["steps"] == steps and fit(r) == how)
+        for i, how in enumerate(sorted({_fit_label(r) for r in cells})):
+            pts = sorted((r["windows_calib"], r["ppl"]) for r in cells if r["steps"] == steps and _fit_label(r) == how)
             if pts:
                 ax.plot(*zip(*pts), styles.get(how.split(" ")[0], "-"), marker=markers[i % len(markers)],
                         color=colour, label=f"{steps} steps, repair {how}")
@@ -194,8 +198,8 @@ def _plot(cells: list[dict], dense: list[dict]) -> None:
     ax.set_title("GISP on SmolLM2-135M: calibration budget")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(PNG, dpi=120)
-    print(f"wrote {PNG}")
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 def main() -> None:

@@ -54,3 +54,29 @@ def test_trajectory_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch
     doc = json.loads((run / "quality" / "trajectory_ppl.json").read_text())
     assert [round(r["target"], 1) for r in doc["rows"]] == [0.0, 0.2, 0.4]
     assert doc["rows"][1]["params"] > doc["rows"][2]["params"]
+
+
+def test_calib_budget_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    model, rows = tiny_folder("llama-gqa"), tmp_path / "budget.json"
+    common = ["--json", str(rows)]
+    _run_script("benchmarks/calib_budget.py", [*common, "run", "--model", model, "--cells", "4x1,8x2", "--eval", "2",
+                                               "--sparsity", "0.4", "--runs", str(tmp_path / "runs")], monkeypatch)
+    doc = json.loads(rows.read_text())["rows"]
+    assert [r["kind"] for r in doc] == ["dense", "cell", "cell", "cell", "cell"]
+    none, lsq = [r for r in doc if r["key"].startswith("cell|8x2|")]
+    assert (none["repair"], lsq["repair"], lsq["inputs"]) == ("none", "lsq-end", "pruned")
+    # the repaired row replays the same selection: same sparsity, its own (different) perplexity and a repair time
+    assert lsq["sparsity"] == none["sparsity"] and lsq["ppl"] != none["ppl"] and lsq["repair_wall_s"] > 0
+    assert 0.4 - 1e-9 <= none["sparsity"] <= 0.43 and all(r["ppl"] > 1 for r in doc)
+    # a second run reuses the finished compiles (same settings) and replaces its rows rather than adding to them
+    _run_script("benchmarks/calib_budget.py", [*common, "run", "--model", model, "--cells", "8x2", "--eval", "2",
+                                               "--sparsity", "0.4", "--runs", str(tmp_path / "runs")], monkeypatch)
+    again = json.loads(rows.read_text())["rows"]
+    assert len(again) == len(doc)
+    assert [r for r in again if r["key"] == none["key"]][0]["compile_wall_s"] == none["compile_wall_s"]
+    _run_script("benchmarks/calib_budget.py", [*common, "table"], monkeypatch)
+    md = (tmp_path / "budget.md").read_text()
+    assert "| 8 | 2 | lsq-end (sequential, 0.0001) |" in md and "| 4 | 1 | none |" in md
+    assert (tmp_path / "budget.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):  # a malformed cell is refused by the parser before anything runs
+        _run_script("benchmarks/calib_budget.py", [*common, "run", "--model", model, "--cells", "8by2"], monkeypatch)
