@@ -72,7 +72,10 @@ def run(args) -> None:
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
     from gisp_fx.passes.repair import RepairSettings, replay_repaired_
-    from gisp_fx.pipeline import _removals_for, analyse, build_calibration, compile_model, load_trajectory
+    from gisp_fx.rebuild import removals_for, load_trajectory
+    from gisp_fx.passes.analyse import analyse
+    from gisp_fx.calibration import build_calibration
+    from gisp_fx.compile import compile_model
 
     dtype = getattr(torch, args.dtype)
     where, windows = _where(args.device), args.eval
@@ -111,7 +114,7 @@ def run(args) -> None:
                             "compile_wall_s": wall, "repair_wall_s": 0.0})
         if args.repair != "none":  # once at the end, on this cell's removals and calibration windows
             traj = load_trajectory(out)
-            removed = _removals_for(traj, args.sparsity, None)
+            removed = removals_for(traj, args.sparsity, None)
             calib = build_calibration(config, original.tokenizer)
             model = copy.deepcopy(original.model)
             t0 = time.perf_counter()
@@ -203,7 +206,7 @@ def _plot(cells: list[dict], dense: list[dict], png: Path) -> None:
 
 
 def main() -> None:
-    from gisp_fx.cli_compile import _windows
+    from gisp_fx.cli_compile import parse_windows
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=JSON, help="the rows' file (default results/calib-budget.json)")
@@ -214,7 +217,7 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--repair", default="lsq", choices=("none", "bias", "lsq"))
     p.add_argument("--step-repair", action="store_true", help="also compile each cell repairing after every step")
-    p.add_argument("--eval", type=_windows, default=256, help="WikiText-2 test windows: a number or 'all'")
+    p.add_argument("--eval", type=parse_windows, default=256, help="WikiText-2 test windows: a number or 'all'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward")

@@ -25,7 +25,7 @@ def main() -> None:
     from gisp_fx.datasets import lm_windows, wikitext2_train_text
     from gisp_fx.loading import load_model
     from gisp_fx.passes.importance import LmCalibration, score
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.passes.analyse import analyse
 
     loaded = load_model("smollm2")
     plan = analyse(loaded.model)

@@ -40,7 +40,7 @@ def _run(name: str, windows: int, shard: bool, out: str) -> None:
     """Score the model once in this process (its rank's share of the windows) and save scores and removals."""
     from gisp_fx.passes.importance import LmCalibration, score
     from gisp_fx.passes.select import Normalize, parse_protect, rank, select
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.passes.analyse import analyse
 
     model, ids = _build(name, windows)
     plan = analyse(model)

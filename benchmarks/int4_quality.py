@@ -28,7 +28,8 @@ from gisp_fx.bench import GenaiTimer, OrtTimer
 from gisp_fx.datasets import lm_windows, wikitext2_train_text
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.exporters.int4 import KINDS, Int4Config, input_grams
-from gisp_fx.exporters.onnx import META_FILE, export_model
+from gisp_fx.exporters.onnx import META_FILE
+from gisp_fx.exporters.export import export_model
 from gisp_fx.exporters.ort import OrtCausalLM
 from gisp_fx.loading import load_model
 

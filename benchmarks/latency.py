@@ -26,10 +26,11 @@ from pathlib import Path
 
 from gisp_fx.bench import BenchSettings, environment, run_bench, summarise, write_report
 from gisp_fx.evaluate import wikitext2_perplexity
-from gisp_fx.exporters.onnx import INT4_FILE, META_FILE, export_model
+from gisp_fx.exporters.onnx import META_FILE
+from gisp_fx.exporters.export import INT4_FILE, export_model
 from gisp_fx.exporters.ort import OrtCausalLM
 from gisp_fx.loading import load_model, load_tokenizer, param_counts
-from gisp_fx.pipeline import load_trajectory, materialize
+from gisp_fx.rebuild import load_trajectory, save_materialized as materialize
 
 
 def exports(args) -> list[Path]:

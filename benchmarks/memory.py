@@ -24,7 +24,7 @@ MODES = {"full-logits": dict(loss_chunk=0), "before": dict(loss_chunk=2**24), "c
 
 
 def _rss_mb() -> float:
-    from gisp_fx.pipeline import peak_rss_mb
+    from gisp_fx.memory import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -66,7 +66,8 @@ def run_one(name: str, mode: str, windows: int, save: str | None = None) -> dict
     removals saved to `save` for the comparison across modes)."""
     from gisp_fx.passes.importance import LmCalibration, score
     from gisp_fx.memory import lean_heap_
-    from gisp_fx.pipeline import _free_memory, analyse
+    from gisp_fx.prune import free_memory
+    from gisp_fx.passes.analyse import analyse
 
     options = dict(MODES[mode])
     if options.pop("lean_heap", False):
@@ -75,7 +76,7 @@ def run_one(name: str, mode: str, windows: int, save: str | None = None) -> dict
     weights = sum(p.numel() for p in model.parameters())
     loaded_mb = _rss_mb()
     plan = analyse(model)
-    _free_memory()  # as compile_model does after its capture
+    free_memory()  # as compile_model does after its capture
     analysed_mb = _rss_mb()
     t0 = time.perf_counter()
     cpu0 = time.process_time()

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from gisp_fx.config import CALIBRATION_FREE, CompileConfig
 from gisp_fx.loading import LoadedModel, load_model
-from gisp_fx.pipeline import compile_model, load_trajectory, materialize_model
+from gisp_fx.compile import compile_model
+from gisp_fx.rebuild import load_trajectory, materialize_model
 from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
 
 REPAIRS = ("bias", "lsq")  # `--methods gisp+lsq`: the method's run, repaired (at the end) on its calibration windows

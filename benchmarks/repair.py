@@ -67,7 +67,9 @@ def run_end(args) -> None:
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
     from gisp_fx.passes.repair import replay_repaired_
-    from gisp_fx.pipeline import _removals_for, analyse, build_calibration, load_trajectory
+    from gisp_fx.rebuild import removals_for, load_trajectory
+    from gisp_fx.passes.analyse import analyse
+    from gisp_fx.calibration import build_calibration
 
     traj = load_trajectory(args.run_dir)
     config = CompileConfig.from_json(traj.config)
@@ -77,7 +79,7 @@ def run_end(args) -> None:
         calib = build_calibration(replace(config, calib_samples=n), original.tokenizer)
         mine = f"{n} x {config.seq_len}" + (f" (run {config.calib_samples})" if n != config.calib_samples else "")
         for target in [float(x) for x in args.sparsities.split(",")]:
-            removed = _removals_for(traj, target, None)
+            removed = removals_for(traj, target, None)
             for text in args.variants.split(","):
                 settings = _variant(text)
                 model = copy.deepcopy(original.model)
@@ -105,7 +107,7 @@ def run_compile(args) -> None:
     from gisp_fx.config import CompileConfig
     from gisp_fx.evaluate import wikitext2_perplexity
     from gisp_fx.loading import load_model
-    from gisp_fx.pipeline import compile_model
+    from gisp_fx.compile import compile_model
 
     out = args.output or f"runs/smollm2-gisp-{round(100 * args.sparsity)}-{args.repair}-{args.repair_at}" \
                          f"-c{args.calib_samples}-s{args.steps}"
@@ -157,7 +159,7 @@ def write_table(_args=None) -> None:
 
 
 def main() -> None:
-    from gisp_fx.cli_compile import _windows
+    from gisp_fx.cli_compile import parse_windows
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(required=True)
@@ -167,7 +169,7 @@ def main() -> None:
     p.add_argument("--variants", default="none,bias,lsq",
                    help="mode[:dense|pruned[:damping[:layer|dense[:sub]]]] (inputs, damping, target, by sublayer), "
                         "comma-separated")
-    p.add_argument("--windows", type=_windows, default=256)
+    p.add_argument("--windows", type=parse_windows, default=256)
     p.add_argument("--repair-calib", default="", help="calibration windows for the repair, comma-separated (default: "
                                                       "the run's own); the same seed, so smaller sets are prefixes")
     p.set_defaults(func=run_end)
@@ -178,7 +180,7 @@ def main() -> None:
     p.add_argument("--repair-at", default="end")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--windows", type=_windows, default=256)
+    p.add_argument("--windows", type=parse_windows, default=256)
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing while scoring (compile's default on; the same scores either way)")
     p.add_argument("--output")

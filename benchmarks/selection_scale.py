@@ -17,7 +17,8 @@ import numpy as np
 from gisp_fx.passes.importance import Scores
 from gisp_fx.passes.select import Normalize, default_protected, groups_to_reach, rank, select, select_uniform
 from gisp_fx.passes.shrink import restrict
-from gisp_fx.pipeline import TOLERANCE, _Alive
+from gisp_fx.methods import TOLERANCE
+from gisp_fx.plan import Alive
 from gisp_fx.plan import AttentionBlock, Axis, GroupPlan, LayerPlan, LinearInfo, Member, MlpBlock
 from gisp_fx.trajectory import scores_table
 
@@ -94,7 +95,7 @@ def main() -> None:
     n = timed(step, "groups_to_reach", lambda: groups_to_reach(plan, ranked, needed))
     per_step = math.ceil(n / args.steps)
     sel = timed(step, "select", lambda: select(plan, ranked, per_step, needed, params_cap=cap))
-    alive = _Alive(plan)
+    alive = Alive(plan)
     original = timed(step, "alive.original", lambda: tuple(alive.original(r) for r in sel.removed))
     alive_lists = list(zip(alive.heads, alive.channels))
     timed(step, "scores_table (x2)", lambda: [scores_table(plan, alive_lists, v, k)

@@ -14,17 +14,17 @@ import json
 import time
 from pathlib import Path
 
-from gisp_fx.cli_compile import _windows
+from gisp_fx.cli_compile import parse_windows
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.loading import load_model
-from gisp_fx.pipeline import load_trajectory, materialize_model
+from gisp_fx.rebuild import load_trajectory, materialize_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
-    ap.add_argument("--windows", type=_windows, default=None, help="a number of evenly spaced windows, or all")
+    ap.add_argument("--windows", type=parse_windows, default=None, help="a number of evenly spaced windows, or all")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--output", default=None, help="folder for the report (default: RUN_DIR/quality)")
     args = ap.parse_args()

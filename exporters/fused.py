@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from gisp_fx.errors import GispError
+from gisp_fx.exporters.int4 import Int4Config, matmul_nbits
+from gisp_fx.exporters.layout import CacheLayout
 
 FAMILIES = ("llama", "qwen2")  # model_type values the fused builder covers; others take --graph traced
 MS = "com.microsoft"
@@ -130,7 +132,6 @@ def _linear(g: _Graph, x: str, weight: np.ndarray, bias: np.ndarray | None, stem
     """x @ weight.T (+ bias); weight [out, in] as nn.Linear stores it. int4 (an Int4Config): MatMulNBits, or a
     MatMul where the config leaves this linear kind fp32; `gram` [in, in]: its calibration inputs' X^T X."""
     if quantize is not None:
-        from gisp_fx.exporters.int4 import matmul_nbits
 
         y = matmul_nbits(g, x, weight, bias, stem, quantize, gram)
         if y is not None:
@@ -172,7 +173,6 @@ def build(model: nn.Module, quantize=None, gqa: str = "pad", grams: dict[str, np
     from onnx import TensorProto, helper
 
     if quantize == "int4":
-        from gisp_fx.exporters.int4 import Int4Config
 
         quantize = Int4Config()
     names = {m: n for n, m in model.named_modules()}
@@ -333,8 +333,6 @@ def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = 
     from pathlib import Path
 
     import onnx
-
-    from gisp_fx.exporters.onnx import CacheLayout
 
     t0 = time.perf_counter()
     with torch.no_grad():

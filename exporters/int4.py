@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gisp_fx.errors import GispError
+from gisp_fx.passes.calib_loop import run_batches, sequence_losses
+from gisp_fx.passes.calib_loop import windows as calibration_windows
 
 BLOCK = 32
 BITS = 4
@@ -329,14 +331,8 @@ def input_grams(model, windows, batch_size: int = 8, names: list[str] | None = N
             grams[name] = grams.get(name, 0) + (x.T @ x).double()
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in wanted.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(windows), batch_size):
-                model(input_ids=windows[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, calibration_windows(windows, batch_size), sequence_losses,
+                hooks={name: hook(name) for name in wanted}, desc="int4 calibration")
     return {name: g.float().numpy() for name, g in grams.items()}
 
 

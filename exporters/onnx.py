@@ -14,10 +14,8 @@ Per-layer head counts are whatever pruning left: they are read from the graph's 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,9 @@ from torch import nn
 from torch.export import Dim
 
 from gisp_fx.errors import GispError
+from gisp_fx.exporters.ort import OrtCausalLM
+from gisp_fx.modeling_gisp import PREFIX, gisp_implementation
+from gisp_fx.exporters.layout import CacheLayout, cache_layout  # noqa: F401  (part of this module's interface)
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -33,28 +34,6 @@ INT8_FILE = "model_int8.onnx"
 META_FILE = "gisp_onnx.json"
 TOLERANCE = 1e-3  # max |diff| of logits and of present K/V, torch vs onnxruntime
 FP16_TOLERANCE = 0.25  # the same for a float16 fused graph against the float32 torch model (SmolLM2: 0.078)
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """Which decoder layers keep a KV cache, with their K/V head counts and head dims."""
-
-    num_layers: int
-    layers: tuple[int, ...]
-    kv_heads: tuple[int, ...]
-    head_dims: tuple[int, ...]
-    dtype: str = "float32"
-
-    def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in self.layers for kind in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in self.layers for kind in ("key", "value")]
-
-    def empty_past(self, batch: int, past: int = 0) -> dict[str, torch.Tensor]:
-        dtype = getattr(torch, self.dtype)
-        return {f"past_key_values.{i}.{kind}": torch.zeros(batch, h, past, d, dtype=dtype)
-                for i, h, d in zip(self.layers, self.kv_heads, self.head_dims) for kind in ("key", "value")}
 
 
 @dataclass(frozen=True)
@@ -78,30 +57,6 @@ class OnnxExport:
     parity: Parity | None
     opset: int
     export_s: float
-
-
-def cache_layout(model: nn.Module) -> CacheLayout:
-    """Run the model once with a cache and read, per layer, the K/V shapes it stores (empty layers store none)."""
-    from transformers import DynamicCache
-
-    n = model.config.get_text_config(decoder=True).num_hidden_layers
-    cache = DynamicCache()
-    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-    from gisp_fx.modeling_gisp import empty_attention_layers
-
-    emptied = empty_attention_layers(model)  # their cache layer holds only a length-keeping stub
-    layers, heads, dims, dtype = [], [], [], "float32"
-    for i, layer in enumerate(cache.layers[:n]):
-        keys = getattr(layer, "keys", None)
-        if keys is None or keys.numel() == 0 or i in emptied:
-            continue
-        layers.append(i)
-        heads.append(keys.shape[1])
-        dims.append(keys.shape[3])
-        dtype = str(keys.dtype).removeprefix("torch.")
-    return CacheLayout(n, tuple(layers), tuple(heads), tuple(dims), dtype)
 
 
 class DecoderGraph(nn.Module):
@@ -158,8 +113,6 @@ def example_feed(layout: CacheLayout | None, vocab: int, batch: int = 2, seq: in
 @contextlib.contextmanager
 def _export_mode(model: nn.Module):
     """SDPA attention (a pruned model: its gisp_ wrapper over SDPA) and attributes SDPA cannot express rejected."""
-    from gisp_fx.modeling_gisp import PREFIX, gisp_implementation
-
     configs = [m.config for m in model.modules() if hasattr(m, "config")]
     saved = [(c, c._attn_implementation) for c in configs]
     try:
@@ -222,8 +175,6 @@ def parity(model: nn.Module, layout: CacheLayout | None, onnx_path: Path, seed: 
 
     `kv_index` (fused graphs): per layer, graph K/V head -> model K/V head, where the graph duplicates K/V heads.
     """
-    from gisp_fx.exporters.ort import OrtCausalLM
-
     vocab = model.config.get_text_config(decoder=True).vocab_size
     past = 5 if layout is not None else 0
     feed = example_feed(layout, vocab, batch=2, seq=7, past=past, seed=seed)
@@ -265,132 +216,3 @@ def quantize_int8(folder: Path) -> Path:
                                     # contrib ops (the fused graph) leave some types to infer: they are float
                                     "DefaultTensorType": 1})
     return dst
-
-
-GRAPHS = ("fused", "traced")
-INT4_FILE = "model_int4.onnx"
-GENAI_FILE = "model_genai.onnx"  # model.onnx's graph and weights with a default logits_positions, for genai
-
-
-def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
-    """--graph: 'fused' (the default with --with-past, for the families exporters/fused.py covers) or 'traced'."""
-    from gisp_fx.exporters.fused import FAMILIES
-
-    if graph is not None and graph not in GRAPHS:
-        raise GispError(f"--graph: expected one of {', '.join(GRAPHS)}, got '{graph}'")
-    kind = getattr(model.config.get_text_config(decoder=True), "model_type", "")
-    if graph is None:
-        return "fused" if with_past and kind in FAMILIES else "traced"
-    if graph == "fused" and not with_past:
-        raise GispError("--graph fused: the fused graph always has a KV cache; add --with-past, or use --graph traced")
-    return graph
-
-
-def _as_fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
-    """The ONNX export and its onnxruntime parity check run on fp32 CPU weights: a half-precision or GPU model is
-    cast (in place) with a note, rather than met with onnxruntime's raw type error."""
-    p = next(model.parameters())
-    if p.dtype != torch.float32 or p.device.type != "cpu":
-        print(f"export: the model is {str(p.dtype).removeprefix('torch.')} on {p.device}; casting it to float32 on "
-              "cpu for the ONNX export and its parity check (the in-memory model stays float32 on cpu)")
-        model.to(device="cpu", dtype=torch.float32)
-    return model
-
-
-def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, overwrite: bool = False,
-                 quantize: str | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 graph: str | None = None, gqa: str = "pad", int4=None, calibration=None,
-                 dtype: str = "float32") -> OnnxExport:
-    """Write `output/` = model.onnx (+ .data), tokenizer, config.json and gisp_onnx.json; fails on parity.
-    `int4`: an int4.Int4Config (default: Int4Config()); `calibration`: token windows [n, seq] for the configs that
-    calibrate (default: int4.CALIB_WINDOWS windows of WikiText-2 train through the model's tokenizer); `dtype`:
-    the fused graph's float type ('float16' for onnxruntime's CUDA kernels, checked against torch fp32 within
-    FP16_TOLERANCE)."""
-    import onnx
-
-    from gisp_fx.loading import param_counts
-
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
-    if quantize not in (None, "int8", "int4"):
-        raise GispError(f"--quantize: expected 'int8' or 'int4', got '{quantize}'")
-    model = _as_fp32_cpu(loaded.model).eval()
-    graph = choose_graph(model, graph, with_past)
-    if dtype != "float32":
-        if graph != "fused":
-            raise GispError(f"export --dtype {dtype}: only the fused graph is written in {dtype}; use --graph fused "
-                            "(llama / qwen2 with --with-past), or export float32")
-        if quantize == "int8":
-            raise GispError(f"export --dtype {dtype} --quantize int8: onnxruntime's dynamic int8 quantises float32 "
-                            "graphs; use --quantize int4, or --dtype float32")
-        if tolerance == TOLERANCE:
-            tolerance = FP16_TOLERANCE
-    if quantize == "int4" and graph != "fused":
-        raise GispError("--quantize int4 writes MatMulNBits into the fused graph; it needs --graph fused "
-                        f"(this export is --graph {graph})")
-    grams = None
-    if quantize == "int4":
-        from gisp_fx.exporters.int4 import Int4Config, calibration_grams
-
-        int4 = int4 or Int4Config()
-        grams = calibration_grams(model, loaded.tokenizer, int4, calibration)  # before anything is written
-    from gisp_fx.save import staged_dir
-
-    with staged_dir(out) as tmp:
-        extra: dict = {}
-        kv_index = None
-        if graph == "fused":
-            from gisp_fx.exporters.fused import write_fused
-
-            layout, seconds, extra = write_fused(model, tmp / MODEL_FILE, genai_file=GENAI_FILE, gqa=gqa, dtype=dtype)
-            kv_index = {int(k): tuple(v) for k, v in extra["kv_index"].items()}
-        else:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):  # the exporter prints its own progress lines
-                layout, seconds = write_onnx(model, tmp, with_past)
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
-        check = parity(model, layout, tmp / MODEL_FILE, kv_index=kv_index)
-        if not check.ok(tolerance):
-            raise GispError(f"export: onnxruntime disagrees with torch beyond {tolerance:g}: max |logit diff| "
-                            f"{check.logits:.3g}, present K/V {check.present if check.present is not None else 0:.3g}; "
-                            "nothing was written")
-        meta = {"source": source, "opset": OPSET, "graph": graph, "with_past": layout is not None,
-                "layout": asdict(layout) if layout is not None else None, "parity": asdict(check),
-                "tolerance": tolerance, "dtype": dtype, "export_s": seconds, "params": param_counts(model), "torch": torch.__version__,
-                "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime")}
-        if extra:
-            meta["fused"] = extra
-            from gisp_fx.exporters.genai import genai_note, write_genai_config
-
-            graph_layout = CacheLayout(layout.num_layers, layout.layers, tuple(extra["graph_kv_heads"]),
-                                       layout.head_dims)
-            meta["genai"] = genai_note(graph_layout)
-            if meta["genai"] == "ok":
-                write_genai_config(tmp, model.config, graph_layout, GENAI_FILE)
-            else:
-                (tmp / GENAI_FILE).unlink()
-        if quantize == "int8":
-            quantize_int8(tmp)
-            q = parity(model, layout, tmp / INT8_FILE, kv_index=kv_index)  # expected to differ: reported, not enforced
-            meta["int8"] = {"file": INT8_FILE, "parity": asdict(q)}
-        if quantize == "int4":
-            from gisp_fx.exporters.fused import write_fused
-
-            _, q_seconds, _ = write_fused(model, tmp / INT4_FILE, quantize=int4, gqa=gqa, grams=grams, dtype=dtype)
-            q = parity(model, layout, tmp / INT4_FILE, kv_index=kv_index)  # expected to differ: reported
-            meta["int4"] = {"file": INT4_FILE, "parity": asdict(q), "export_s": q_seconds, "config": asdict(int4)}
-        if loaded.tokenizer is not None:
-            from gisp_fx.save import save_tokenizer
-
-            save_tokenizer(loaded.tokenizer, tmp)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    return OnnxExport(out, layout, check, OPSET, seconds)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

@@ -189,7 +189,8 @@ def is_genai_folder(spec: str) -> bool:
 
 def make_targets(specs: list[str], engines: list[str], opts: list[str], settings: BenchSettings):
     """(Target, timer) pairs: ONNX exports run in onnxruntime, model folders/specs in torch eager."""
-    from gisp_fx.exporters.onnx import INT4_FILE, INT8_FILE, META_FILE
+    from gisp_fx.exporters.onnx import INT8_FILE, META_FILE
+    from gisp_fx.exporters.export import INT4_FILE
     from gisp_fx.exporters.ort import GRAPH_OPT, resolve_provider
     from gisp_fx.loading import load_model, param_counts
 

@@ -9,7 +9,7 @@ from gisp_fx.errors import GispError
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from gisp_fx.pipeline import inspect_model
+    from gisp_fx.inspect import inspect_model
 
     print(inspect_model(args.model, as_json=args.json))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from gisp_fx.config import (CHECKPOINT, DTYPES, METHODS, NORMALIZE, OBJECTIVES, REPAIR_AT, REPAIR_MODES, BOS_MODES,
+                            Checkpoint, Method, Objective)
 from gisp_fx.errors import GispError
 
 
-def _windows(value: str) -> int | None:
+def parse_windows(value: str) -> int | None:
     if value == "all":
         return None
     try:
@@ -28,7 +30,7 @@ OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "s
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="the weights' dtype (default float32); gradients are summed and scores kept in fp32/fp64")
 
 
@@ -37,8 +39,8 @@ def _compile(args: argparse.Namespace) -> None:
     import sys
     from dataclasses import fields
 
+    from gisp_fx.compile import compile_model
     from gisp_fx.config import CompileConfig
-    from gisp_fx.pipeline import compile_model
 
     method = "oneshot" if args.oneshot and args.method == "gisp" else args.method
     name = args.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -46,6 +48,7 @@ def _compile(args: argparse.Namespace) -> None:
     defaults = {f.name: f.default for f in fields(CompileConfig)}
     given = {k for k in OPTIONAL_FLAGS if getattr(args, k) is not None} | ({"oneshot"} if args.oneshot else set())
     given |= {"shard"} if args.shard else set()
+    given |= {"memory_budget_gb"} if args.memory_budget_gb is not None else set()
     flag = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in OPTIONAL_FLAGS}
     config = CompileConfig(
         model=args.model, sparsity=args.sparsity, output=output, method=args.method, objective=args.objective,
@@ -53,7 +56,7 @@ def _compile(args: argparse.Namespace) -> None:
         calib_samples=flag["calib_samples"], seq_len=flag["seq_len"], batch_size=flag["batch_size"],
         steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
-        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, shard=args.shard,
+        checkpoint=args.checkpoint, memory_budget_gb=args.memory_budget_gb, device=args.device, dtype=args.dtype, shard=args.shard,
         repair=flag["repair"], repair_at=flag["repair_at"],
     )
     config.validate(frozenset(given))
@@ -69,7 +72,7 @@ def _compile(args: argparse.Namespace) -> None:
           f"{r['perplexity']['before']:.2f} -> {r['perplexity']['after']:.2f} ({r['perplexity']['windows']} windows)")
     print(f"model, trajectory and report: {result.output}/  (report: {result.output}/report.md)")
     if args.export == "onnx":
-        from gisp_fx.exporters.onnx import export_model
+        from gisp_fx.exporters.export import export_model
         from gisp_fx.loading import load_model
 
         onnx = export_model(load_model(str(result.output)), result.output / "onnx", with_past=True, overwrite=True,
@@ -78,13 +81,13 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _materialize(args: argparse.Namespace) -> None:
-    from gisp_fx.pipeline import materialize
+    from gisp_fx.rebuild import save_materialized
 
     if (args.sparsity is None) == (args.step is None):
         raise GispError("materialize: give exactly one of --sparsity or --step")
     if not os.path.isdir(args.run_dir):
         raise GispError(f"materialize: '{args.run_dir}' is not a folder; give the output folder of `gisp-fx compile`")
-    _, plan, sparsity = materialize(args.run_dir, args.sparsity, args.output, step=args.step,
+    _, plan, sparsity = save_materialized(args.run_dir, args.sparsity, args.output, step=args.step,
                                    overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                                    repair=args.repair, calib=args.calib)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
@@ -123,7 +126,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _add_bos(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+    p.add_argument("--bos", default="auto", choices=BOS_MODES,
                    help="start every calibration/perplexity window with the BOS token: auto (default: when the "
                         "tokenizer adds one, e.g. Llama-2/3, Mistral, Gemma; SmolLM2 has none), always, or never "
                         "(one token stream cut into windows: the protocol of published WikiText-2 figures)")
@@ -134,12 +137,11 @@ def add_compile_commands(sub) -> None:
     p.add_argument("model", help="'smollm2' (bundled), a model folder, a .gguf file, or a hub id")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target decoder-layer parameter sparsity in (0, 0.95], measured")
-    p.add_argument("--method", default="gisp",
-                   choices=["gisp", "oneshot", "wanda-sp", "magnitude", "taylor-local", "random", "pg"],
+    p.add_argument("--method", default=Method.GISP.value, choices=METHODS,
                    help="gisp (default, iterative); oneshot = GISP in one step; pg = policy-gradient pruning "
                         "(forward passes only, inference memory; the --pg-* flags); baselines: wanda-sp (|W|*||X||, "
                         "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
-    p.add_argument("--objective", default="ppl", choices=["ppl", "margin"])
+    p.add_argument("--objective", default=Objective.PPL.value, choices=OBJECTIVES)
     p.add_argument("--tasks", help="margin objective only: comma-separated tasks, e.g. arc_easy,arc_challenge")
     p.add_argument("--calib", help="plain-text UTF-8 calibration file (ppl objective only); default: bundled "
                                    "WikiText-2 train")
@@ -152,11 +154,11 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--steps", type=int, help="iterative steps (default 8; gisp only: the other methods take one)")
     p.add_argument("--oneshot", action="store_true",
                    help="gisp in one step at the target sparsity (= --method oneshot)")
-    p.add_argument("--normalize", choices=["reference", "params", "none"],
+    p.add_argument("--normalize", choices=NORMALIZE,
                    help="block-wise score normalisation, gisp and oneshot only (default: the reference's constants)")
     p.add_argument("--protect", help="layers never pruned: 'none' or e.g. '0,1,29' (default: first 10 %% and last)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-windows", type=_windows, default=256,
+    p.add_argument("--eval-windows", type=parse_windows, default=256,
                    help="WikiText-2 test windows for the report's perplexity: a number (evenly spaced) or 'all' "
                         "(default 256 of 2,382; 'all' costs about 10 minutes per model on 2 CPU cores)")
     _add_bos(p)
@@ -187,20 +189,25 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (torchrun, one machine; gloo on cpu, NCCL on cuda): the calibration windows are "
                         "split across them and their gradient sums all-reduced (default 1)")
-    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing while scoring (default on): decoder activations are recomputed in "
-                        "backward instead of kept: the same scores for about 1.26x the CPU time of scoring "
-                        "(measured on SmolLM2); --no-checkpoint keeps them (faster, but SmolLM2's peak memory rises "
-                        "from 3.2x to over 6x its fp32 weights)")
+    p.add_argument("--checkpoint", nargs="?", const=Checkpoint.ON.value, default=Checkpoint.AUTO.value,
+                   choices=CHECKPOINT,
+                   help="activation checkpointing while scoring: auto (default: on when the scoring pass's estimated "
+                        "memory exceeds --memory-budget), on, or off. On recomputes the decoder's activations in "
+                        "backward: the same scores for about 1.26x the CPU time of scoring, measured on SmolLM2")
+    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const=Checkpoint.OFF.value,
+                   help="= --checkpoint off")
+    p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
+                   help="--checkpoint auto: the memory the scoring pass may take (default: half the memory free "
+                        "when the run starts)")
     p.add_argument("--shard", action="store_true",
                    help="with --nproc N / torchrun: score on an FSDP2 copy whose decoder layers are sharded across "
                         "the N processes (each holds 1/N of their weights and gradients on --device; the full "
                         "model stays in host memory for the rewrite), for models that do not fit one device")
-    p.add_argument("--repair", choices=["none", "bias", "lsq"],
+    p.add_argument("--repair", choices=REPAIR_MODES,
                    help="re-fit what each pruned layer's output loses on the calibration activations (default none): "
                         "bias (the removed inputs' mean contribution added to o_proj/down_proj biases) or lsq (the "
                         "kept input columns re-fitted in closed form); not for magnitude/random or --objective margin")
-    p.add_argument("--repair-at", choices=["step", "end"],
+    p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
     p.add_argument("--export", choices=["onnx"],
@@ -213,7 +220,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--step", type=int)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--repair", choices=["none", "bias", "lsq"],
+    p.add_argument("--repair", choices=REPAIR_MODES,
                    help="default: as the run was compiled; bias/lsq on an unrepaired run repairs the rebuilt model "
                         "once (needs the run's calibration data)")
     p.add_argument("--calib", help="the run's calibration text file, when a repair needs it and it has moved")
@@ -230,7 +237,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     add_device_flags(p)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--windows", type=_windows, default=None,
+    p.add_argument("--windows", type=parse_windows, default=None,
                    help="WikiText-2: a number of evenly spaced windows, or all (default)")
     p.add_argument("--batch-size", type=int, default=16)
     _add_bos(p)

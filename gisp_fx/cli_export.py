@@ -6,7 +6,7 @@ import argparse
 
 
 def _export(args: argparse.Namespace) -> None:
-    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.exporters.export import export_model
     from gisp_fx.loading import load_model
     from gisp_fx.save import check_output_folder
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gisp_fx.loading import load_model
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import GroupPlan
 
 
@@ -27,3 +29,9 @@ def format_plan(plan: GroupPlan) -> str:
     for module, why in plan.kept:
         lines.append(f"not pruned: {module} ({why})")
     return "\n".join(lines)
+
+
+def inspect_model(spec: str, as_json: bool = False) -> str:
+    """`gisp-fx inspect`: the groups of the model `spec` names, as the table or as the plan's JSON."""
+    plan = analyse(load_model(spec).model)
+    return plan.dumps() if as_json else format_plan(plan)

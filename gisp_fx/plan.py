@@ -265,6 +265,16 @@ class GroupPlan:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)
 
+    def summary(self) -> str:
+        """One line: layers, heads, K/V heads and MLP channels in all, and the prunable share of the decoder."""
+        heads = sum(l.attention.num_heads for l in self.layers if l.attention)
+        kv = sum(l.attention.num_kv_heads for l in self.layers if l.attention)
+        channels = sum(l.mlp.channels for l in self.layers if l.mlp)
+        share = self.prunable_params / self.decoder_params if self.decoder_params else 0.0
+        return (f"{self.model_type}: {len(self.layers)} layers, {heads} query heads, {kv} K/V heads, {channels} MLP "
+                f"channels; {self.prunable_params:,} of {self.decoder_params:,} decoder parameters prunable "
+                f"({100 * share:.1f} %), {self.total_params:,} in the model")
+
     @staticmethod
     def from_json(d: dict) -> "GroupPlan":
         if d.get("version") != PLAN_VERSION:
@@ -304,3 +314,37 @@ class Selection:
 
     def of(self, layer: int, kind: Kind) -> set[int]:
         return set(self._by_layer.get((layer, kind), ()))
+
+
+class Alive:
+    """Original indices of the groups still in the model, per layer: maps a shrunk plan's indices back to the
+    plan the run started from, and forward again.
+
+    Sorted int64 arrays (a 7B model has ~3.5 * 10^5 groups): lookups index them, removal is one mask per layer.
+    """
+
+    def __init__(self, plan: GroupPlan):
+        self.heads = [np.arange(l.attention.num_heads if l.attention else 0, dtype=np.int64) for l in plan.layers]
+        self.channels = [np.arange(l.mlp.channels if l.mlp else 0, dtype=np.int64) for l in plan.layers]
+
+    def original(self, ref: GroupRef) -> GroupRef:
+        ids = self.heads if ref.kind is Kind.HEAD else self.channels
+        return GroupRef(ref.layer, ref.kind, int(ids[ref.layer][ref.index]))
+
+    def current(self, ref: GroupRef) -> GroupRef:
+        ids = (self.heads if ref.kind is Kind.HEAD else self.channels)[ref.layer]
+        at = int(np.searchsorted(ids, ref.index))
+        if at >= len(ids) or ids[at] != ref.index:
+            raise ValueError(f"{ref} is no longer in the model")
+        return GroupRef(ref.layer, ref.kind, at)
+
+    def remove(self, refs) -> None:
+        gone: dict[tuple[int, Kind], list[int]] = {}
+        for ref in refs:
+            gone.setdefault((ref.layer, ref.kind), []).append(ref.index)
+        for (layer, kind), ids in gone.items():
+            table = self.heads if kind is Kind.HEAD else self.channels
+            keep = ~np.isin(table[layer], ids)
+            if len(table[layer]) - int(keep.sum()) != len(set(ids)):
+                raise ValueError(f"layer {layer}: some of the {kind.value}s {sorted(ids)} are not in the model")
+            table[layer] = table[layer][keep]

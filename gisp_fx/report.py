@@ -27,7 +27,7 @@ def layer_rows(plan0: GroupPlan, plan: GroupPlan) -> list[dict]:
 
 
 def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: GroupPlan, traj, before: dict,
-                 after: dict, wall_s: float, peak_rss_mb: list[float]) -> dict:
+                 after: dict, wall_s: float, peak_rss_mb: list[float], checkpoint: bool | None = None) -> dict:
     """report.json's content, written into `folder` with its table; `peak_rss_mb` holds every rank's peak (one
     entry in one process): the report's peak is the largest, what one process (one device) needs."""
     sparsity = (plan0.decoder_params - plan.decoder_params) / plan0.decoder_params
@@ -45,7 +45,7 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
                        "bos": {"mode": config.bos, "window_starts_with_bos": after.get("bos", False)},
                        "before": before["ppl"], "after": after["ppl"]},
         "layers": layer_rows(plan0, plan), "steps": steps,
-        "wall_s": wall_s, "peak_rss_mb": max(peak_rss_mb),
+        "wall_s": wall_s, "peak_rss_mb": max(peak_rss_mb), "activation_checkpointing": checkpoint,
         # the memory yardstick: peak resident memory over the original model's weights in fp32
         "fp32_weight_mb": plan0.total_params * 4 / 2**20,
         "peak_rss_over_fp32_weights": max(peak_rss_mb) / (plan0.total_params * 4 / 2**20),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from gisp_fx.passes.calib_loop import batch_loss, run_batches, windows
 from gisp_fx.passes.importance import LmCalibration, Scores, _group_sums
 from gisp_fx.plan import Axis, GroupPlan, Member
 
@@ -67,23 +67,12 @@ def wanda_sp_scores(model: nn.Module, plan: GroupPlan, calib: LmCalibration, pro
             sq[name] = sq.get(name, 0) + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
         return fn
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in out_side]
     device = next(model.parameters()).device
-    losses = []
-    try:
-        model.eval()
-        with torch.inference_mode():
-            ids = calib.input_ids
-            for i in tqdm(range(0, len(ids), calib.batch_size), desc="activations", leave=False,
-                          disable=not progress, unit="batch"):
-                batch = ids[i : i + calib.batch_size].to(device)
-                losses.append(model(input_ids=batch, labels=batch).loss.item())
-    finally:
-        for h in handles:
-            h.remove()
+    losses = run_batches(model, windows(calib.input_ids, calib.batch_size, device), batch_loss,
+                         hooks={name: hook(name) for name in out_side}, desc="activations", progress=progress)
     per_axis = {}
     with torch.no_grad():
         for name in out_side:
             w = model.get_submodule(name).weight.double().abs()
             per_axis[(name, Axis.COLS)] = (w * sq[name].sqrt()).sum(0).cpu().numpy()
-    return _scores_from(plan, per_axis, float(np.mean(losses)), axes=(Axis.COLS,))
+    return _scores_from(plan, per_axis, float(np.mean([loss.item() for loss in losses])), axes=(Axis.COLS,))

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
 from gisp_fx.memory import trim_
+from gisp_fx.passes.calib_loop import run_batches
 from gisp_fx.passes.lm_loss import LOSS_CHUNK, check_head_, checkpointed, chunked_lm_loss
 from gisp_fx.plan import Axis, GroupPlan, Member
 
@@ -107,20 +107,23 @@ def _accumulate(model, linears, work, desc: str, progress: bool) -> tuple[dict[s
     for p in params:
         p.grad = None
     sums = {id(p): None for p in params if p.dtype != torch.float32}
-    total_loss, total_n = 0.0, 0
-    for closure in tqdm(work, desc=desc, leave=False, disable=not progress, unit="batch"):
+
+    def step(_model, closure) -> tuple[float, int]:
         loss, size = closure()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"calibration loss is {loss.item()}")
         (loss * size).backward()
-        total_loss += loss.item() * size
-        total_n += size
+        value = loss.item() * size
         del loss
         trim_()
         for p in params:
             if id(p) in sums and p.grad is not None:
                 sums[id(p)] = p.grad.float() if sums[id(p)] is None else sums[id(p)].add_(p.grad)
                 p.grad = None
+        return value, size
+
+    done = run_batches(model, work, step, grad=True, desc=desc, progress=progress)
+    total_loss, total_n = sum(v for v, _ in done), sum(n for _, n in done)
 
     def total(p):
         return sums[id(p)] if id(p) in sums else p.grad
@@ -153,8 +156,6 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batc
         raise GispError("scoring: every layer with prunable groups is protected; there is nothing to score "
                         "(see --protect)")
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()  # no dropout: the gradient of the deterministic loss
     device = next(model.parameters()).device
     try:
         for p in model.parameters():
@@ -163,7 +164,7 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batc
             lin.weight.requires_grad_(True)
             if lin.bias is not None:
                 lin.bias.requires_grad_(True)
-        if isinstance(calib, LmCalibration):
+        if isinstance(calib, LmCalibration):  # run_batches holds eval mode (no dropout) and the cache off
             ids = _my_share(calib.input_ids)
             if loss_chunk > 0:
                 check_head_(model, ids.to(device))
@@ -199,7 +200,6 @@ def _average_gradients(model, plan, calib, progress, desc, loss_chunk, even_batc
                 lin.bias.grad = None
         for n, p in model.named_parameters():
             p.requires_grad_(saved.get(n, False))
-        model.train(was_training)
 
 
 def _world() -> tuple[int, int]:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
+from gisp_fx.passes.calib_loop import calibration_state, sequence_losses, windows
 from gisp_fx.passes.importance import LmCalibration, Scores
 from gisp_fx.plan import Axis, GroupPlan, GroupRef, Kind, Selection
 
@@ -239,13 +240,6 @@ class Masker:
         return fn
 
 
-def _sequence_losses(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence [batch]."""
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    return nll.mean(1)
-
-
 def optimise(loss_fn, s0: np.ndarray, budget: Budget, config: PgConfig, progress: bool = True) -> PgResult:
     """The policy-gradient loop (PG_SPEC.md section 3) over `loss_fn(t, masks [n, U]) -> losses [n]`, where each
     of the n rows is one independent sample (a mask and the loss it gave). Returns the probabilities and history."""
@@ -279,24 +273,19 @@ def train(model: nn.Module, plan: GroupPlan, calib: LmCalibration, units: Units,
     """`optimise` with the masked model's per-sequence losses: each of the K samples draws one mask per sequence
     of the batch (beyond the reference, which draws one per batch), so a forward pass yields batch samples."""
     device = next(model.parameters()).device
-    batches = [calib.input_ids[i : i + calib.batch_size] for i in range(0, len(calib.input_ids), calib.batch_size)]
-    was_training = model.training
-    model.eval()
-    try:
-        with Masker(model, plan, units) as masker, torch.inference_mode():
-            def loss_fn(t: int, sample):
-                ids = batches[t % len(batches)].to(device)
-                masks, losses = [], []
-                for _ in range(config.samples):
-                    m = sample(len(ids))
-                    masker.masks = torch.from_numpy(m).to(device)
-                    masks.append(m)
-                    losses.append(_sequence_losses(model, ids).double().cpu().numpy())
-                return np.concatenate(masks), np.concatenate(losses)
+    batches = windows(calib.input_ids, calib.batch_size)
+    with calibration_state(model), Masker(model, plan, units) as masker, torch.inference_mode():
+        def loss_fn(t: int, sample):
+            ids = batches[t % len(batches)].to(device)
+            masks, losses = [], []
+            for _ in range(config.samples):
+                m = sample(len(ids))
+                masker.masks = torch.from_numpy(m).to(device)
+                masks.append(m)
+                losses.append(sequence_losses(model, ids).double().cpu().numpy())
+            return np.concatenate(masks), np.concatenate(losses)
 
-            result = optimise(loss_fn, s0, budget, config, progress)
-    finally:
-        model.train(was_training)
+        result = optimise(loss_fn, s0, budget, config, progress)
     return PgResult(result.probs, units, result.history)
 
 

@@ -35,7 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
-from gisp_fx.plan import Axis, GroupPlan, Selection
+from gisp_fx.passes.calib_loop import StopForward, hidden_states, run_batches, windows
+from gisp_fx.passes.importance import LmCalibration
+from gisp_fx.passes.repair_fit import Moments, apply_, check_reached, moment_hooks, with_biases
+from gisp_fx.passes.shrink import shrink_
+from gisp_fx.plan import Alive, Axis, GroupPlan, Kind, Selection
 
 MODES = ("none", "bias", "lsq")
 AT = ("step", "end")
@@ -80,25 +84,8 @@ class RepairSettings:
                 "target": self.target, "sublayers": self.sublayers, "intercept": self.intercept}
 
 
-@dataclass
-class _Moments:
-    """Sums over the calibration tokens of one consumer's input x: sum x (fp64) and, for lsq, sum x x^T (fp64)."""
-
-    total: torch.Tensor
-    gram: torch.Tensor | None
-    tokens: int = 0
-    dense_total: torch.Tensor | None = None  # target dense: sum x_d, and (lsq) cross = sum x_d x_p^T
-    cross: torch.Tensor | None = None
-
-
-class _Stop(Exception):
-    """Raised by a hook after the last layer whose consumers are needed: the rest of the forward is skipped."""
-
-
 def consumer_columns(plan: GroupPlan, selection: Selection) -> dict[str, np.ndarray]:
     """The input columns each consumer linear loses with `selection` (sorted, in the plan's current numbering)."""
-    from gisp_fx.plan import Kind
-
     out: dict[str, set[int]] = {}
     for layer in plan.layers:
         a, m = layer.attention, layer.mlp
@@ -125,8 +112,6 @@ def min_tokens(plan: GroupPlan) -> int:
 def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
     """One GispError when the calibration cannot serve the repair: not language-model windows, or (lsq) fewer
     calibration tokens than the widest consumer has input features."""
-    from gisp_fx.passes.importance import LmCalibration
-
     if settings.mode == "none":
         return
     if not isinstance(calib, LmCalibration):
@@ -140,159 +125,32 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
                         "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
 
 
-def _forward_batches(model: nn.Module, calib, desc: str, progress: bool) -> None:
-    """The calibration windows through `model` batch by batch, for its hooks (a hook may end a batch with _Stop)."""
+def _forward_batches(model: nn.Module, calib, desc: str, progress: bool, hooks=None) -> None:
+    """The calibration windows through `model`'s decoder batch by batch, for its hooks (a hook may end a batch with
+    StopForward)."""
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        ids = calib.input_ids
-        for i in tqdm(range(0, len(ids), calib.batch_size), desc=desc, leave=False, disable=not progress,
-                      unit="batch"):
-            try:
-                model(input_ids=ids[i : i + calib.batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-
-
-def _check_reached(columns, moments: dict[str, _Moments]) -> None:
-    missing = sorted(set(columns) - set(moments))
-    if missing:
-        raise GispError(f"repair: no calibration activations reached {', '.join(missing[:3])}; the forward pass "
-                        "did not run these linears (a gisp-fx bug for this family, please report it)")
-
-
-def _moment_hooks(model: nn.Module, columns, moments: dict[str, _Moments], gram: bool) -> list:
-    """Forward pre-hooks on the linears in `columns` that add each call's inputs to `moments` (the caller removes
-    the returned handles)."""
-
-    def hook(name):
-        def fn(_module, inputs):
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            m = moments.get(name)
-            if m is None:
-                d, dev = x.shape[-1], x.device
-                m = moments[name] = _Moments(torch.zeros(d, dtype=torch.float64, device=dev),
-                                             torch.zeros(d, d, dtype=torch.float64, device=dev) if gram else None)
-            m.total += x.sum(0, dtype=torch.float64)
-            if gram:
-                xf = x.float()
-                m.gram += (xf.T @ xf).double()
-            m.tokens += x.shape[0]
-        return fn
-
-    return [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in columns]
+    run_batches(model, windows(calib.input_ids, calib.batch_size, device), hidden_states, hooks=hooks, desc=desc,
+                progress=progress)
 
 
 def collect(model: nn.Module, columns: dict[str, np.ndarray], calib, gram: bool, stop_after: str | None = None,
-            progress: bool = False) -> dict[str, _Moments]:
+            progress: bool = False) -> dict[str, Moments]:
     """Run the calibration windows through `model`; sum the inputs (and their Gram) of every linear in `columns`."""
-    moments: dict[str, _Moments] = {}
+    moments: dict[str, Moments] = {}
 
     def stop(*_):
-        raise _Stop
+        raise StopForward
 
-    handles = _moment_hooks(model, columns, moments, gram)
+    handles = moment_hooks(model, columns, moments, gram)
     if stop_after is not None:
         handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
-    was_training = model.training
     try:
-        model.eval()
         _forward_batches(model, calib, "repair activations", progress)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    _check_reached(columns, moments)
+    check_reached(columns, moments)
     return moments
-
-
-def lsq_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
-                cross: torch.Tensor | None = None) -> torch.Tensor:
-    """argmin_V ||W X - V X_S||^2 + lambda ||V||^2 in closed form: W G[:, S] (G[S, S] + lambda I)^-1, in fp64.
-
-    `gram` is G = X X^T over all input features; lambda = damping * mean(diag G[S, S]). With `cross` = X_d X^T
-    the target is another input's output, argmin_V ||W X_d - V X_S||^2 + lambda ||V||^2 = W C[:, S] (...)^-1."""
-    w, g = weight.double(), gram.double()
-    gss = g.index_select(0, keep).index_select(1, keep)
-    rhs = w @ (g if cross is None else cross.double()).index_select(1, keep)  # [out, |S|]
-    lam = damping * gss.diagonal().mean()
-    a = gss + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        raise GispError(f"repair lsq: the kept inputs' Gram matrix (+ damping {damping}) is not positive definite "
-                        f"(leading minor {int(info)} of {len(keep)}); the calibration activations do not span the "
-                        "kept features: give more calibration tokens or raise the damping")
-    return torch.cholesky_solve(rhs.T, chol).T
-
-
-def centred(moments: "_Moments") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The Gram (and cross moments) about the means, G - s s^T / N (C - s_d s^T / N): an affine fit's moments."""
-    n, s = moments.tokens, moments.total.double()
-    gram = moments.gram.double() - torch.outer(s, s) / n
-    cross = None if moments.cross is None else moments.cross.double() - torch.outer(moments.dense_total.double(), s) / n
-    return gram, cross
-
-
-def bias_shift(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """The removed columns' mean contribution to the output, W[:, R] @ mean(x_R), in fp64."""
-    return weight.double().index_select(1, removed) @ mean.double().index_select(0, removed)
-
-
-def _apply(model: nn.Module, columns: dict[str, np.ndarray], moments: dict[str, _Moments],
-           settings: RepairSettings) -> dict[str, int]:
-    """Write the repaired weights (or biases) into the consumers, still at full width; shrink_ then drops R.
-    Returns the biases created (consumer -> parameters) where the dense model had none."""
-    created = {}
-    with torch.no_grad():
-        for name, removed in columns.items():
-            lin, m = model.get_submodule(name), moments[name]
-            w = lin.weight
-            gone = torch.as_tensor(removed, device=w.device)
-            if settings.mode == "bias":
-                if m.dense_total is None:
-                    shift = bias_shift(w, m.total / m.tokens, gone)
-                else:  # the dense output's mean minus what the kept columns give on the pruned inputs
-                    kept = torch.as_tensor(np.setdiff1d(np.arange(lin.in_features), removed), device=w.device)
-                    shift = w.double() @ (m.dense_total / m.tokens) - bias_shift(w, m.total / m.tokens, kept)
-                if lin.bias is None:
-                    created[name] = lin.out_features
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
-                                            requires_grad=w.requires_grad)
-                lin.bias.copy_((lin.bias.double() + shift).to(w.dtype))
-                continue
-            stays = np.ones(lin.in_features, dtype=bool)
-            stays[removed] = False
-            keep = torch.as_tensor(np.flatnonzero(stays), device=w.device)
-            if not len(keep):  # a consumer that loses every column has nothing left to fit
-                continue
-            if not settings.intercept:
-                w[:, keep] = lsq_columns(w, m.gram, keep, settings.damping, m.cross).to(w.dtype)
-                continue
-            # affine: V on the centred moments, then the bias that matches the target's mean, W mu_t - V mu_S
-            gram, cross = centred(m)
-            v = lsq_columns(w, gram, keep, settings.damping, cross)
-            mean_t = (m.total if m.dense_total is None else m.dense_total).double() / m.tokens
-            shift = w.double() @ mean_t - v @ (m.total.double() / m.tokens).index_select(0, keep)
-            if lin.bias is None:
-                created[name] = lin.out_features
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
-                                        requires_grad=w.requires_grad)
-            lin.bias.copy_((lin.bias.double() + shift).to(w.dtype))
-            w[:, keep] = v.to(w.dtype)
-    return created
-
-
-def _with_biases(plan: GroupPlan, created: dict[str, int]) -> GroupPlan:
-    """The plan once consumers gained biases: their LinearInfo says so and the parameter counts include them (an
-    emptied block keeps its consumer's bias as its output bias, still in its layer)."""
-    from dataclasses import replace
-
-    if not created:
-        return plan
-    linears = tuple(replace(i, bias=True) if i.module in created else i for i in plan.linears)
-    layers = tuple(replace(l, params=l.params + sum(n for name, n in created.items()
-                                                     if name.startswith(l.module + "."))) for l in plan.layers)
-    return replace(plan, linears=linears, layers=layers, total_params=plan.total_params + sum(created.values()))
 
 
 class _LayerCalls:
@@ -314,7 +172,7 @@ class _LayerCalls:
                     self.hidden.append(h.detach().clone())
                 self.calls[name].append((tuple(args), kwargs))
                 if name == last:
-                    raise _Stop
+                    raise StopForward
             return fn
 
         handles = [model.get_submodule(m).register_forward_pre_hook(catch(m), with_kwargs=True) for m in modules]
@@ -359,7 +217,7 @@ class _LayerCalls:
                 h.remove()
         return batches
 
-    def gather_paired(self, model: nn.Module, module: str, columns, moments: dict[str, "_Moments"], gram: bool,
+    def gather_paired(self, model: nn.Module, module: str, columns, moments: dict[str, "Moments"], gram: bool,
                       dense: list[dict[str, torch.Tensor]]) -> None:
         """Target dense: `module` on the pruned hidden states; its consumers' inputs and the dense ones of the same
         tokens (`dense`, from dense_inputs) summed into `moments` (sum x_p, G_p, sum x_d, C = sum x_d x_p^T)."""
@@ -373,7 +231,7 @@ class _LayerCalls:
                 if m is None:
                     d, dev = xp.shape[-1], xp.device
                     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
-                    m = moments[name] = _Moments(zeros(d), zeros(d, d) if gram else None, 0, zeros(d),
+                    m = moments[name] = Moments(zeros(d), zeros(d, d) if gram else None, 0, zeros(d),
                                                  zeros(d, d) if gram else None)
                 m.total += xp.sum(0, dtype=torch.float64)
                 m.dense_total += xd.sum(0, dtype=torch.float64)
@@ -410,9 +268,6 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
     """Sequential ("pruned") inputs in one pass: the hidden states are carried layer to layer, so each pruned
     layer is fitted on the activations of the already pruned and repaired layers above it, and every layer runs
     twice at most (once to gather its consumers' inputs, once repaired to feed the next)."""
-    from gisp_fx.passes.shrink import shrink_
-    from gisp_fx.plan import Kind
-
     pruned = sorted({r.layer for r in selection.removed})
     columns, created, tokens = {}, {}, 0
     if not pruned:
@@ -434,19 +289,19 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                     if not sub.removed:
                         continue
                     cols = consumer_columns(plan, sub)
-                    moments: dict[str, _Moments] = {}
+                    moments: dict[str, Moments] = {}
                     if paired:
                         calls.gather_paired(model, module, cols, moments, settings.mode == "lsq", dense)
                     else:
-                        handles = _moment_hooks(model, cols, moments, settings.mode == "lsq")
+                        handles = moment_hooks(model, cols, moments, settings.mode == "lsq")
                         try:
                             calls.gather(model, module)
                         finally:
                             for h in handles:
                                 h.remove()
-                    _check_reached(cols, moments)
-                    made = _apply(model, cols, moments, settings)
-                    plan = _with_biases(shrink_(model, plan, sub), made)  # other layers' indices stay as they were
+                    check_reached(cols, moments)
+                    made = apply_(model, cols, moments, settings.mode, settings.damping, settings.intercept)
+                    plan = with_biases(shrink_(model, plan, sub), made)  # other layers' indices stay as they were
                     created.update(made)
                     columns.update(cols)
                     tokens = next(iter(moments.values())).tokens
@@ -461,8 +316,6 @@ def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, ca
                      settings: RepairSettings, progress: bool = False) -> tuple[GroupPlan, dict | None]:
     """shrink_ with the consumers repaired first; returns the new plan and a record of the repair (None when
     `settings.mode` is none or `calib` is None)."""
-    from gisp_fx.passes.shrink import shrink_
-
     if settings.mode == "none" or calib is None:
         return shrink_(model, plan, selection), None
     t0 = time.perf_counter()
@@ -472,9 +325,9 @@ def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, ca
         last = max((l for l in plan.layers if any(n.startswith(l.module + ".") for n in columns)),
                    key=lambda l: l.index, default=None)
         moments = collect(model, columns, calib, need_gram, last.module, progress) if columns else {}
-        created = _apply(model, columns, moments, settings)
+        created = apply_(model, columns, moments, settings.mode, settings.damping, settings.intercept)
         passes, tokens = int(bool(columns)), next(iter(moments.values())).tokens if moments else 0
-        plan = _with_biases(shrink_(model, plan, selection), created)
+        plan = with_biases(shrink_(model, plan, selection), created)
     else:
         plan, columns, created, tokens = _sequential_(model, plan, selection, calib, settings, progress)
         passes = int(bool(columns))
@@ -487,9 +340,7 @@ def replay_repaired_(model: nn.Module, plan0: GroupPlan, chunks, calib, settings
                      progress: bool = False):
     """Remove `chunks` (tuples of GroupRefs by ORIGINAL index) one after another from a model at `plan0`,
     repairing before each removal (no repair when `calib` is None); returns (plan, alive, repair records)."""
-    from gisp_fx.pipeline import _Alive
-
-    alive, plan, records = _Alive(plan0), plan0, []
+    alive, plan, records = Alive(plan0), plan0, []
     for chunk in chunks:
         if chunk:
             plan, record = shrink_repaired_(model, plan, Selection(tuple(alive.current(r) for r in chunk)), calib,
@@ -497,48 +348,3 @@ def replay_repaired_(model: nn.Module, plan0: GroupPlan, chunks, calib, settings
             alive.remove(chunk)
             records.append(record)
     return plan, alive, records
-
-
-def materialize_repair(traj, override: str | None, calib: str | None):
-    """The repair a materialize runs, and the CompileConfig to rebuild its calibration from (the run's recorded
-    calibration settings; None when no repair runs), checked before any model is loaded: the run's own repair
-    unless `override` names another; a run repaired at every step can only be replayed as it ran (or
-    unrepaired, --repair none), since its removal order was scored on repaired models."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    from gisp_fx.config import CompileConfig, REPAIR_MODES
-
-    config = CompileConfig.from_json(traj.config)
-    recorded = config.repair_settings()
-    if traj.repair and recorded.mode != "none":  # the inputs and damping the run used (the defaults may have moved)
-        first = traj.repair[0]
-        recorded = replace(recorded, inputs=first.get("inputs", recorded.inputs),
-                            damping=float(first.get("damping", recorded.damping)),
-                            target=first.get("target", "layer"),  # runs before targets were recorded: layer
-                            sublayers=bool(first.get("sublayers", False)),
-                            intercept=bool(first.get("intercept", False)))
-    if override is not None and override not in REPAIR_MODES:
-        raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
-    if override is None or override == recorded.mode:
-        settings = recorded
-    elif override == "none":
-        settings = RepairSettings()
-    elif recorded.mode != "none" and recorded.at == "step":
-        raise GispError(f"materialize: this run repaired ({recorded.mode}) after every step, so its removal order "
-                        f"was scored on repaired models; reproduce it with --repair {recorded.mode}, or give "
-                        "--repair none for the unrepaired replay")
-    else:
-        settings = RepairSettings(override, "end")
-    if settings.mode == "none":
-        if calib is not None:
-            raise GispError("materialize: --calib is the calibration text of a repair; this materialize runs none "
-                            "(give --repair bias|lsq, or leave --calib out)")
-        return settings, None
-    config = replace(config, repair=settings.mode, calib=calib or config.calib)
-    config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from
-    if config.calib and not Path(config.calib).is_file():
-        raise GispError(f"materialize: --repair {settings.mode} needs the run's calibration data, and its "
-                        f"calibration file '{config.calib}' is not there; pass --calib FILE (the same text), or "
-                        "--repair none")
-    return settings, config

@@ -14,7 +14,9 @@ from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.passes.importance import CustomCalibration, LmCalibration
-from gisp_fx.pipeline import analyse, compile_model, materialize
+from gisp_fx.passes.analyse import analyse
+from gisp_fx.compile import compile_model
+from gisp_fx.rebuild import save_materialized as materialize
 from gisp_fx.trajectory import Trajectory
 
 PROBE = tokens(2, 10, seed=9)
@@ -218,7 +220,7 @@ def test_uniform_run_materializes_what_a_lower_target_compiles(tmp_path, method)
 
 def test_baseline_scores_by_hand():
     from gisp_fx.passes.baselines import magnitude_scores, wanda_sp_scores
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.passes.analyse import analyse
 
     model = tiny_model("llama-gqa")
     plan = analyse(model)

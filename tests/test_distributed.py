@@ -16,7 +16,7 @@ from conftest import tiny_model, tokens
 from gisp_fx.errors import GispError
 from gisp_fx.passes.importance import LmCalibration, score
 from gisp_fx.passes.select import Normalize, rank, select
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 
 
 def _scores(windows: int, shard: bool = False, checkpoint: bool = False):
@@ -182,15 +182,40 @@ def test_shard_in_one_process_is_refused(tiny_folder, tmp_path, capsys):
     assert "--shard shards the gradients of the ppl objective; --method magnitude" in capsys.readouterr().err
 
 
-def test_checkpointing_is_on_by_default_and_no_checkpoint_turns_it_off():
+def test_checkpointing_is_auto_by_default_and_the_flags_choose_it():
     from gisp_fx.cli import build_parser
     from gisp_fx.config import CompileConfig
 
     parse = build_parser().parse_args
-    assert parse(["compile", "m", "--sparsity", "0.5"]).checkpoint is True
-    assert parse(["compile", "m", "--sparsity", "0.5", "--no-checkpoint"]).checkpoint is False
-    assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint"]).checkpoint is True
-    assert CompileConfig("m", 0.5, "out").checkpoint is True and CompileConfig("m", 0.5, "out").shard is False
+    assert parse(["compile", "m", "--sparsity", "0.5"]).checkpoint == "auto"
+    assert parse(["compile", "m", "--sparsity", "0.5", "--no-checkpoint"]).checkpoint == "off"
+    assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint"]).checkpoint == "on"
+    assert parse(["compile", "m", "--sparsity", "0.5", "--checkpoint", "off"]).checkpoint == "off"
+    assert CompileConfig("m", 0.5, "out").checkpoint == "auto" and CompileConfig("m", 0.5, "out").shard is False
+    # runs recorded before auto read back as what they were
+    old = {**CompileConfig("m", 0.5, "out").to_json(), "checkpoint": True}
+    assert CompileConfig.from_json(old).checkpoint == "on"
+
+
+def test_checkpoint_auto_follows_the_estimate_against_the_budget():
+    """auto checkpoints exactly when the scoring pass's estimate exceeds the budget: a budget just above the
+    estimate keeps activations, one just below recomputes them; on/off ignore the budget."""
+    from gisp_fx.config import GispConfig
+    from gisp_fx.memory import scoring_bytes
+    from gisp_fx.passes.importance import LmCalibration
+    from gisp_fx.prune import use_checkpoint
+
+    model = tiny_model("llama-gqa")
+    calib = LmCalibration(torch.zeros(16, 32, dtype=torch.long), batch_size=4)
+    need = scoring_bytes(model, 4, 32)
+    assert need > 4 * sum(p.numel() for p in model.parameters())  # gradients plus some activations
+    assert scoring_bytes(model, 8, 32) > need  # a larger batch keeps more activations
+    above, below = (need * 1.01) / 1e9, (need * 0.99) / 1e9
+    assert use_checkpoint(GispConfig(0.5, memory_budget_gb=above), model, calib) is False
+    assert use_checkpoint(GispConfig(0.5, memory_budget_gb=below), model, calib) is True
+    assert use_checkpoint(GispConfig(0.5, checkpoint="off", memory_budget_gb=below), model, calib) is False
+    assert use_checkpoint(GispConfig(0.5, checkpoint="on", memory_budget_gb=above), model, calib) is True
+
 
 
 def test_an_interrupted_launcher_leaves_no_partial_output(tmp_path, monkeypatch):

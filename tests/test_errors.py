@@ -16,7 +16,9 @@ from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.passes.importance import CustomCalibration
-from gisp_fx.pipeline import analyse, compile_model, materialize
+from gisp_fx.passes.analyse import analyse
+from gisp_fx.compile import compile_model
+from gisp_fx.rebuild import save_materialized as materialize
 from gisp_fx.save import save_pruned
 from test_compile import _calib, _config, _loaded
 from test_rewrite import SELECTION
@@ -175,7 +177,7 @@ def test_corrupt_onnx_export(tmp_path, tiny_folder, capsys):
 
 # 12: OrtCausalLM.generate refuses what it does not implement -----------------------------------------------------
 def test_ort_generate_refuses_unsupported_arguments(tmp_path):
-    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.exporters.export import export_model
     from gisp_fx.exporters.ort import OrtCausalLM
 
     model = tiny_model("llama-gqa")

@@ -11,11 +11,12 @@ import torch
 from conftest import tiny_model, tiny_tokenizer, tokens
 from gisp_fx.cli import main
 from gisp_fx.errors import GispError
-from gisp_fx.exporters.onnx import INT8_FILE, META_FILE, export_model
+from gisp_fx.exporters.onnx import INT8_FILE, META_FILE
+from gisp_fx.exporters.export import export_model
 from gisp_fx.exporters.ort import OrtCausalLM, pick_next
 from gisp_fx.loading import LoadedModel
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.save import save_pruned
 from test_rewrite import SELECTION, UNEVEN
 

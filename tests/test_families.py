@@ -13,7 +13,7 @@ from conftest import FAMILIES, tiny_model, tiny_tokenizer
 from gisp_fx.cli import main
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import Kind, Selection
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.save import save_pruned
@@ -100,7 +100,7 @@ def test_family_pruned_equals_masked(family, which):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_save_reload_and_onnx(family, tmp_path):
-    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.exporters.export import export_model
 
     model = tiny_model(family)
     new_plan = shrink_(model, analyse(model), _selection_for(family, SELECTION))
@@ -187,7 +187,7 @@ def test_compile_to_90_percent_keeps_emptied_layers(arch, tmp_path):
     and the saved folder reloads with the same logits."""
     from gisp_fx.config import CompileConfig
     from gisp_fx.passes.importance import LmCalibration
-    from gisp_fx.pipeline import compile_model
+    from gisp_fx.compile import compile_model
     from conftest import tokens
 
     loaded = LoadedModel(tiny_model(arch, num_hidden_layers=4), tiny_tokenizer(), "tiny")
@@ -229,7 +229,7 @@ def test_mixture_of_experts_is_refused_naming_the_router():
 def test_compile_beyond_the_prunable_share_is_refused_up_front(tmp_path):
     """OLMo-2 can lose only MLP channels (42.4 % of its decoder layers here): 0.9 is refused before any work."""
     from gisp_fx.config import CompileConfig
-    from gisp_fx.pipeline import compile_model
+    from gisp_fx.compile import compile_model
 
     config = CompileConfig(model="tiny", sparsity=0.9, output=str(tmp_path / "run"), steps=3, protect="none",
                            eval_windows=2)

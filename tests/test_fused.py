@@ -13,11 +13,12 @@ from conftest import tiny_model, tiny_tokenizer
 from gisp_fx.errors import GispError
 from gisp_fx.exporters.fused import even_groups
 from gisp_fx.exporters.int4 import BLOCK, Int4Config, dequantize, gptq_blocks, pack, quantize_blocks
-from gisp_fx.exporters.onnx import INT4_FILE, META_FILE, choose_graph, export_model
+from gisp_fx.exporters.onnx import META_FILE
+from gisp_fx.exporters.export import INT4_FILE, choose_graph, export_model
 from gisp_fx.exporters.ort import OrtCausalLM
 from gisp_fx.loading import LoadedModel
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from test_export import _batch, assert_runner_matches_torch
 from test_rewrite import SELECTION, UNEVEN
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ARCHS, tiny_model, tokens
 from gisp_fx.errors import GispError
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import Axis, GroupPlan
 
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model, tokens
 from gisp_fx.passes.importance import LmCalibration, MarginCalibration, McSequence, score
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 
 
 def _brute_gbar(model, losses_fn):

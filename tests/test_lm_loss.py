@@ -74,7 +74,7 @@ def test_an_unknown_head_transform_is_refused():
 def test_half_precision_gradients_are_summed_in_fp32():
     """A bf16 model's averaged gradient comes back in fp32 and matches the fp32 model's to bf16 accuracy."""
     from gisp_fx.passes.importance import LmCalibration, average_gradients
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.passes.analyse import analyse
 
     model = tiny_model("llama-gqa")
     plan = analyse(model)

@@ -12,7 +12,7 @@ from conftest import tiny_model, tiny_tokenizer
 from gisp_fx.cli import main
 from gisp_fx.errors import GispError
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import GroupRef, Kind, Selection
 from gisp_fx.save import save_pruned
 from test_rewrite import SELECTION

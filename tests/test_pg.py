@@ -15,7 +15,9 @@ from gisp_fx.cli import main
 from gisp_fx.loading import load_model
 from gisp_fx.passes.importance import LmCalibration
 from gisp_fx.passes.pg import Budget, PgConfig, build_units, make_budget, optimise, project
-from gisp_fx.pipeline import analyse, compile_model, materialize
+from gisp_fx.passes.analyse import analyse
+from gisp_fx.compile import compile_model
+from gisp_fx.rebuild import save_materialized as materialize
 from gisp_fx.trajectory import Trajectory
 from test_compile import PROBE, _config, _loaded
 
@@ -122,7 +124,7 @@ from conftest import tiny_tokenizer
 from gisp_fx.config import CompileConfig
 from gisp_fx.loading import LoadedModel
 from gisp_fx.passes.importance import LmCalibration
-from gisp_fx.pipeline import compile_model
+from gisp_fx.compile import compile_model
 config = transformers.LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                                   num_attention_heads=8, num_key_value_heads=4, head_dim=64)
 torch.manual_seed(0)

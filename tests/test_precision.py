@@ -13,7 +13,8 @@ from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel
 from gisp_fx.passes.importance import LmCalibration
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse, compile_model
+from gisp_fx.passes.analyse import analyse
+from gisp_fx.compile import compile_model
 from test_rewrite import SELECTION, mask_, padded_batch
 
 BIASED = dict(attention_bias=True, mlp_bias=True)  # the emptied blocks' stubs then carry an output bias
@@ -72,7 +73,7 @@ def test_bad_device_and_dtype_are_one_line_errors(tmp_path):
 
 
 def test_export_casts_a_half_model_to_fp32_with_a_note(capsys):
-    from gisp_fx.exporters.onnx import _as_fp32_cpu
+    from gisp_fx.exporters.export import _as_fp32_cpu
 
     model = tiny_model("llama-gqa").to(torch.bfloat16)
     assert _as_fp32_cpu(model) is model

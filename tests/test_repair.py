@@ -15,9 +15,12 @@ from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.passes.importance import LmCalibration
-from gisp_fx.passes.repair import RepairSettings, lsq_columns, shrink_repaired_
+from gisp_fx.passes.repair import RepairSettings, shrink_repaired_
+from gisp_fx.passes.repair_fit import lsq_columns
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse, compile_model, materialize
+from gisp_fx.passes.analyse import analyse
+from gisp_fx.compile import compile_model
+from gisp_fx.rebuild import save_materialized as materialize
 from gisp_fx.plan import GroupRef, Kind, Selection
 from test_rewrite import SELECTION
 
@@ -81,7 +84,7 @@ def test_lsq_with_intercept_equals_an_affine_lstsq(damping, dense):
     (lambda from the centred Gram's diagonal), for the layer's own target and for another input's output."""
     from torch import nn
 
-    from gisp_fx.passes.repair import _apply, _Moments
+    from gisp_fx.passes.repair_fit import Moments, apply_
 
     g = torch.Generator().manual_seed(4)
     lin = nn.Linear(10, 5, bias=True).double()
@@ -95,11 +98,10 @@ def test_lsq_with_intercept_equals_an_affine_lstsq(damping, dense):
     xd = x + 0.3 * torch.randn(10, 200, generator=g, dtype=torch.float64) if dense else None
     removed = np.array([1, 4, 7])
     keep = torch.tensor([0, 2, 3, 5, 6, 8, 9])
-    moments = {"lin": _Moments(x.sum(1), x @ x.T, 200, xd.sum(1) if dense else None, xd @ x.T if dense else None)}
+    moments = {"lin": Moments(x.sum(1), x @ x.T, 200, xd.sum(1) if dense else None, xd @ x.T if dense else None)}
     holder = nn.Module()
     holder.lin = lin
-    _apply(holder, {"lin": removed}, moments, RepairSettings("lsq", damping=damping, intercept=True,
-                                                             target="dense" if dense else "layer"))
+    apply_(holder, {"lin": removed}, moments, "lsq", damping, True)
     xs = x[keep]
     centred = xs - xs.mean(1, keepdim=True)
     lam = damping * (centred * centred).sum(1).mean()
@@ -257,7 +259,8 @@ def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeyp
 def _sequential_reference_(model, plan, selection, calib, settings):
     """Sequential repair the slow, plain way: for each pruned layer a whole forward pass from the embeddings
     through the already repaired layers, stopped after that layer."""
-    from gisp_fx.passes.repair import _apply, _with_biases, collect, consumer_columns
+    from gisp_fx.passes.repair import collect, consumer_columns
+    from gisp_fx.passes.repair_fit import apply_, with_biases
 
     for layer in sorted({r.layer for r in selection.removed}):
         part = [r for r in selection.removed if r.layer == layer]
@@ -266,8 +269,8 @@ def _sequential_reference_(model, plan, selection, calib, settings):
             if sub:
                 cols = consumer_columns(plan, Selection(tuple(sub)))
                 moments = collect(model, cols, calib, settings.mode == "lsq", plan.layers[layer].module)
-                made = _apply(model, cols, moments, settings)
-                plan = _with_biases(shrink_(model, plan, Selection(tuple(sub))), made)
+                made = apply_(model, cols, moments, settings.mode, settings.damping, settings.intercept)
+                plan = with_biases(shrink_(model, plan, Selection(tuple(sub))), made)
     return plan
 
 
@@ -307,7 +310,7 @@ def test_sequential_inputs_in_one_pass_equal_a_pass_per_layer(arch, sublayers):
 @pytest.mark.parametrize("arch,mode", [(a, "bias") for a in ("llama-gqa", "qwen2", "phi3", "opt", "gpt2")]
                          + [("llama-gqa", "lsq"), ("llama-gqa", "lsq+intercept")])
 def test_repaired_families_save_load_and_export(arch, mode, tmp_path):
-    from gisp_fx.exporters.onnx import export_model
+    from gisp_fx.exporters.export import export_model
     from gisp_fx.save import save_pruned
 
     model = tiny_model(arch)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCHS, tiny_model, tiny_tokenizer, tokens
 from gisp_fx.loading import load_model
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import Axis, GroupRef, Kind, Selection
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.save import save_pruned

@@ -14,7 +14,7 @@ from conftest import tiny_model, tiny_tokenizer, tokens
 from gisp_fx.loading import load_model
 from gisp_fx.modeling_gisp import RUNTIME_VERSION, even_groups
 from gisp_fx.passes.shrink import shrink_
-from gisp_fx.pipeline import analyse
+from gisp_fx.passes.analyse import analyse
 from gisp_fx.plan import GroupRef, Kind, Selection
 from gisp_fx.save import save_pruned, saved_runtime_version
 from test_rewrite import UNEVEN, pruned_vs_masked
@@ -79,7 +79,7 @@ def test_step_zero_folder_is_the_plain_dense_model(tmp_path):
 def test_materialize_step_zero_loads(tmp_path):
     from test_compile import _loaded, _run
 
-    from gisp_fx.pipeline import materialize
+    from gisp_fx.rebuild import save_materialized as materialize
 
     run = _run(tmp_path)
     materialize(str(run.output), None, str(tmp_path / "step0"), step=0, loaded=_loaded())

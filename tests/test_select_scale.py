@@ -1,4 +1,4 @@
-"""The vectorised selection and bookkeeping (select.Ranking, select_uniform, Member.remapped, pipeline._Alive)
+"""The vectorised selection and bookkeeping (select.Ranking, select_uniform, Member.remapped, pipeline.Alive)
 give exactly what the plain per-group loops they replaced give, on plans with GQA, uneven groups and protection."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gisp_fx.passes.select import (
     select_uniform,
 )
 from gisp_fx.passes.shrink import restrict
-from gisp_fx.pipeline import _Alive
+from gisp_fx.plan import Alive
 from gisp_fx.plan import Axis, GroupPlan, GroupRef, Kind, Member, Selection
 
 llama_plan = runpy.run_path("benchmarks/selection_scale.py")["llama_plan"]
@@ -163,7 +163,7 @@ def test_remapped_member_equals_the_dict_lookup():
 
 def test_alive_maps_indices_back_after_removals():
     plan = llama_plan(**PLANS["gqa"])
-    alive = _Alive(plan)
+    alive = Alive(plan)
     alive.remove([GroupRef(1, Kind.HEAD, 2), GroupRef(1, Kind.HEAD, 5), GroupRef(1, Kind.CHANNEL, 0)])
     assert alive.heads[1].tolist() == [0, 1, 3, 4, 6, 7] and alive.channels[1].tolist() == list(range(1, 24))
     assert alive.original(GroupRef(1, Kind.HEAD, 2)) == GroupRef(1, Kind.HEAD, 3)
@@ -190,7 +190,7 @@ def test_reference_channel_constant_counts_the_mlp_linears(arch, vectors):
     from conftest import tiny_model
 
     from gisp_fx.passes.select import mlp_vectors
-    from gisp_fx.pipeline import analyse
+    from gisp_fx.passes.analyse import analyse
 
     plan = analyse(tiny_model(arch))
     mlp = plan.layers[0].mlp

@@ -13,7 +13,8 @@ from gisp_fx.datasets import lm_windows, token_windows, window_bos
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity, window_ids
 from gisp_fx.loading import LoadedModel
-from gisp_fx.pipeline import build_calibration, compile_model
+from gisp_fx.calibration import build_calibration
+from gisp_fx.compile import compile_model
 
 TEXT = " ".join(f"w{4 + (i * 7) % 90}" for i in range(400))
 
