@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,45 +109,6 @@ def test_pg_bad_input(tiny_folder, tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1
     assert not out.exists() and not Path(str(out) + ".partial").exists()
-
-
-# Peak RSS from /proc's VmHWM, which belongs to this process's own memory map: ru_maxrss would carry over, through
-# fork and exec, the peak of the (large) pytest process that spawned it.
-PEAK = """
-import re, sys, torch, transformers
-def peak_kb():
-    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-sys.path.insert(0, {tests!r})
-from conftest import tiny_tokenizer
-from gisp_fx.config import CompileConfig
-from gisp_fx.loading import LoadedModel
-from gisp_fx.passes.importance import LmCalibration
-from gisp_fx.compile import compile_model
-config = transformers.LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                                  num_attention_heads=8, num_key_value_heads=4, head_dim=64)
-torch.manual_seed(0)
-model = transformers.LlamaForCausalLM(config).eval()
-calib = LmCalibration(torch.randint(3, 96, (16, 128), generator=torch.Generator().manual_seed(0)), batch_size=16)
-base = peak_kb()
-cfg = CompileConfig(model="tiny", sparsity=0.3, output={out!r}, method={method!r}, protect="none", eval_windows=1,
-                    **(dict(pg_iters=2) if {method!r} == "pg" else dict(checkpoint={checkpoint!r})))  # own settings
-compile_model(cfg, calibration=calib, loaded=LoadedModel(model, tiny_tokenizer(), "tiny"), progress=False)
-print(peak_kb() - base)
-"""
-
-
-def test_pg_peak_memory_is_below_gisp(tmp_path):
-    """A backward keeps the weights' gradients and, without checkpointing, every layer's activations of the batch;
-    pg's forward passes keep neither (here 4 layers of width 512 / 2048 at 16 x 128 tokens). GISP checkpoints by
-    default, which leaves it the gradients and the layer inputs."""
-    growth = {}
-    for name, method, checkpoint in (("pg", "pg", None), ("gisp", "oneshot", True), ("gisp-no-ckpt", "oneshot", False)):
-        script = PEAK.format(tests=str(Path(__file__).parent), out=str(tmp_path / name), method=method,
-                             checkpoint=checkpoint)
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-        growth[name] = int(done.stdout.split()[-1])
-    assert growth["pg"] < 0.85 * growth["gisp"] < 0.85 * growth["gisp-no-ckpt"], growth
-    assert growth["pg"] < 0.6 * growth["gisp-no-ckpt"], growth
 
 
 def test_zero_iterations_select_by_the_initialisation(tmp_path):
