@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from gisp_fx.errors import GispError
@@ -35,13 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("gisp-fx: interrupted", file=sys.stderr)
+        return INTERRUPTED
     try:
         args.func(args)
     except GispError as exc:
         print(f"gisp-fx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # one line, no traceback: what was kept and how to go on
+        hint = "; ".join(getattr(exc, "__notes__", [])) or "nothing was written"
+        exc.__traceback__ = None  # frees the frames now: their progress bars close before the line, not after it
+        gc.collect()
+        print(f"\ngisp-fx {args.command}: interrupted; {hint}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
