@@ -79,6 +79,9 @@ class CompileConfig:
                 raise GispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise GispError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.protect is not None and not self.protect.strip(" ,"):
+            raise GispError(f"--protect: got '{self.protect}', an empty list; give 'none' to protect no layer, "
+                            "comma-separated layer indices, or leave the flag out for the default")
         if self.bos not in BOS_MODES:
             raise GispError(f"--bos must be one of {', '.join(BOS_MODES)}, got '{self.bos}'")
         if self.dtype not in DTYPES:
