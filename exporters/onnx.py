@@ -26,6 +26,8 @@ from torch import nn
 from torch.export import Dim
 
 from gisp_fx.errors import GispError
+from gisp_fx.loading import LoadedModel
+from gisp_fx.preflight import require_types
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -274,15 +276,21 @@ GENAI_FILE = "model_genai.onnx"  # model.onnx's graph and weights with a default
 
 def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
     """--graph: 'fused' (the default with --with-past, for the families exporters/fused.py covers) or 'traced'."""
-    from gisp_fx.exporters.fused import FAMILIES
+    from gisp_fx.exporters.fused import FAMILIES, unsupported_head
 
     if graph is not None and graph not in GRAPHS:
         raise GispError(f"--graph: expected one of {', '.join(GRAPHS)}, got '{graph}'")
     kind = getattr(model.config.get_text_config(decoder=True), "model_type", "")
+    why = unsupported_head(model) if kind in FAMILIES else None
     if graph is None:
+        if with_past and kind in FAMILIES and why:
+            print(f"export: the fused graph is not written for this model ({why}); exporting the traced graph")
+            return "traced"
         return "fused" if with_past and kind in FAMILIES else "traced"
     if graph == "fused" and not with_past:
         raise GispError("--graph fused: the fused graph always has a KV cache; add --with-past, or use --graph traced")
+    if graph == "fused" and why:
+        raise GispError(f"--graph fused: {why}; nothing was written: use --graph traced (or leave --graph out)")
     return graph
 
 
@@ -310,6 +318,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
 
     from gisp_fx.loading import param_counts
 
+    require_types("export_model", loaded=(loaded, LoadedModel), output=(output, (str, os.PathLike)))
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")
