@@ -18,7 +18,10 @@ from tqdm.auto import tqdm
 
 from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
+from gisp_fx.fingerprint import require_same_weights, weights_fingerprint
+from gisp_fx.outputs import owned_output, refuse_overlap
 from gisp_fx.plan import GroupPlan, GroupRef, Kind, Selection
+from gisp_fx.preflight import check_calibration_positions, require_types
 
 TRAJECTORY_DIR = "trajectory"
 TOLERANCE = 0.004  # the run stops within this fraction of decoder parameters above the target sparsity
@@ -169,6 +172,7 @@ def _prepare_output(config: CompileConfig, overwrite: bool, resume: bool,
     return final, partial
 
 
+@owned_output  # refuses an output over its input, probes it, holds its lock for the whole run
 def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: bool = False, calibration=None,
                   on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True,
                   loaded=None, discard_partial: bool = False) -> CompileResult:
@@ -218,6 +222,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
                         f"{plan0.decoder_params:,} decoder-layer parameters are prunable ({100 * share:.1f} %); "
                         f"choose --sparsity below {share:.3f} (`gisp-fx inspect` lists what is kept whole and why)")
     _require_reachable(config, plan0, protect, target_removed)
+    check_calibration_positions(model, config.method, config.seq_len)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     _free_memory()  # the tokenizer's temporaries of the whole calibration text
     from gisp_fx.passes.repair import check_calibration, replay_repaired_, shrink_repaired_
@@ -231,8 +236,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if dense_path.is_file():
         before = json.loads(dense_path.read_text())
     else:
-        ppl = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="dense ppl",
-                                   bos=config.bos)
+        ppl = wikitext2_perplexity(model, tokenizer, config.seq_len, config.eval_windows, progress=progress,
+                                   desc="dense ppl", bos=config.bos)
         before = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len, "bos": ppl.bos}
         partial.mkdir(parents=True, exist_ok=True)
         dense_path.write_text(json.dumps(before))
@@ -241,11 +246,13 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
         traj = resumed
         if traj.plan != plan0:
             raise GispError(f"--resume: the model '{config.model}' is not the one the unfinished run started from")
+        require_same_weights(traj.fingerprint, model, plan0, config.model, "--resume")
         at_step = repair.at == "step"
         chunks = [s.refs() for s in traj.steps] if at_step else [traj.removed_until(len(traj.steps))]
         plan, alive, _ = replay_repaired_(model, plan0, chunks, calib if at_step else None, repair, progress)
     else:
         traj = Trajectory({**config.to_json(), "groups_per_step": None}, plan0)
+        traj.fingerprint = weights_fingerprint(model, plan0)
         plan, alive = plan0, _Alive(plan0)
 
     removed_params = plan0.decoder_params - plan.decoder_params
@@ -298,8 +305,8 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if recaptured != plan:
         raise GispError("verify: the re-captured graph of the pruned model disagrees with the rewrite's plan; "
                         "this is a gisp-fx bug, please report it with the model and settings")
-    after = wikitext2_perplexity(model, tokenizer, 128, config.eval_windows, progress=progress, desc="pruned ppl",
-                                 bos=config.bos)
+    after = wikitext2_perplexity(model, tokenizer, config.seq_len, config.eval_windows, progress=progress,
+                                 desc="pruned ppl", bos=config.bos)
     return _finish(config, model, tokenizer, plan0, plan, traj, before, after, partial, final, started)
 
 
@@ -460,6 +467,7 @@ def materialize_model(traj, sparsity: float | None, *, step: int | None = None, 
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config['model']}' is not the one this trajectory pruned")
+    require_same_weights(traj.fingerprint, loaded.model, plan0, traj.config["model"], "materialize")
     calibration = build_calibration(calib_config, loaded.tokenizer) if calib_config else None
     chunks = [removed]
     if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
@@ -476,7 +484,10 @@ def materialize(run_dir: str, sparsity: float | None, output: str, *, step: int 
 
     from gisp_fx.save import check_output_folder
 
+    require_types("materialize", run_dir=(run_dir, (str, Path)), sparsity=(sparsity, (float, int, type(None))),
+                  output=(output, (str, Path)), step=(step, (int, type(None))))
     out = check_output_folder(output)
+    refuse_overlap(out, {"the run folder": run_dir, "its model": load_trajectory(run_dir).config["model"]})
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,
