@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         print(f"\ngisp-fx {args.command}: interrupted; {hint}", file=sys.stderr)
         return INTERRUPTED
+    except OSError as exc:  # a disk that fills or a file that vanishes mid-command: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gisp-fx {args.command}: error: {exc.strerror or exc}{where}; outputs are staged and renamed at the "
+              "end, so nothing half-written was left: free the space or fix the path and run it again",
+              file=sys.stderr)
+        return 2
     return 0
 
 
