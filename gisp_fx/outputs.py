@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.preflight import require_types
@@ -66,6 +68,10 @@ def hold_output_lock(output: str | os.PathLike, command: str = "compile") -> Out
     final = Path(output).absolute()
     path = lock_path(final)
     probe_writable(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)  # where OUTPUT.partial goes anyway
+    except OSError as exc:
+        raise _write_error(final, exc) from exc
     for _ in range(8):  # the holder unlinks the file on release: lock the file that is still at `path`
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -164,6 +170,9 @@ def owned_output(compile_fn):
                 if not _under(exc, final):
                     raise
                 raise GispError(f"writing '{exc.filename}' failed ({exc.strerror or exc}); "
+                                f"{_resume_hint(partial_of(final))}") from exc
+            except SafetensorError as exc:  # save_file's I/O errors (a full disk) are not OSErrors
+                raise GispError(f"writing the weights in '{partial_of(final)}' failed ({exc}); "
                                 f"{_resume_hint(partial_of(final))}") from exc
 
     return run
