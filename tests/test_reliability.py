@@ -54,6 +54,9 @@ def test_a_held_output_fails_at_once_naming_the_holder(tmp_path):
             compile_model(_config(tmp_path, "run"), calibration=_calib(), loaded=_loaded(), progress=False)
         assert time.perf_counter() - t0 < 1.0
     assert _files(tmp_path) == []  # nothing written, the lock file gone with its release
+    with hold_output_lock(tmp_path / "runs" / "new" / "run") as lock:  # a parent folder not made yet
+        assert lock.path.read_text() == f"pid {os.getpid()} (gisp-fx compile)\n"
+    assert _files(tmp_path) == ["runs", "runs/new"]
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
@@ -90,10 +93,12 @@ def _copies(source, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("output", ["/proc/gisp-fx-out/run", "/sys/gisp-fx-out"])
-def test_unwritable_output_is_refused_before_loading(output, capsys):
+def test_unwritable_output_is_refused_before_loading(source, output, capsys):
     # 'no/such/model' would fail at load: the output must be refused first
     _cli_error(capsys, ["compile", "no/such-model", "--sparsity", "0.3", *MAGNITUDE, "--output", output],
                f"--output '{output}' cannot be written")
+    _cli_error(capsys, ["materialize", str(source[1]), "--step", "1", "--output", output], "cannot be written")
+    _cli_error(capsys, ["export", "no/such-model", "--output", output], "cannot be written")
 
 
 def test_full_disk_is_refused_before_loading(source, tmp_path, monkeypatch):
