@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
-from gisp_fx.preflight import require_types
+from gisp_fx.preflight import check_vocabulary, require_types
 
 TRAJECTORY_FILE = Path("trajectory") / "trajectory.json"
 
@@ -156,6 +156,9 @@ def owned_output(compile_fn):
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other ranks write a scratch copy (pipeline)
             return compile_fn(config, *args, **kwargs)
         require_types("compile_model", config=(config, CompileConfig))
+        loaded = kwargs.get("loaded")
+        if loaded is not None:  # an in-memory model skips load_model's check of its tokenizer
+            check_vocabulary(config.model, loaded.model, loaded.tokenizer)
         refuse_overlap(config.output, {"the input model folder": config.model})
         check_partial(config.output, kwargs.get("resume", False), kwargs.get("discard_partial", False))
         final = Path(config.output)

@@ -21,6 +21,7 @@ from gisp_fx.cli import main
 from gisp_fx.config import CompileConfig
 from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.passes.select import parse_protect
 from gisp_fx.pipeline import compile_model, materialize
 from test_compile import _calib, _config, _loaded
 from test_errors import _cli_error
@@ -215,11 +216,18 @@ def test_config_with_fewer_layers_than_the_checkpoint_is_refused(tiny_folder):
         load_model(str(folder))
 
 
-def test_empty_protect_is_an_error_and_the_report_lists_protected_layers(tiny_folder, tmp_path, capsys):
+def test_empty_protect_is_an_error(tiny_folder, tmp_path, capsys):
     folder = tiny_folder()
-    _cli_error(capsys, ["compile", folder, "--sparsity", "0.3", "--method", "magnitude", "--protect", "",
-                        "--output", str(tmp_path / "o")], "--protect: got '', an empty list")
+    for empty in ("", " , "):
+        _cli_error(capsys, ["compile", folder, "--sparsity", "0.3", "--method", "magnitude", "--protect", empty,
+                            "--output", str(tmp_path / "o")], f"--protect: got '{empty}', an empty list")
+    with pytest.raises(GispError, match="--protect: got '', an empty list"):
+        parse_protect("", 4)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # a compile
+def test_report_lists_protected_layers_and_measures_at_the_run_seq_len(tmp_path):
     result = compile_model(_config(tmp_path, protect="0,3", sparsity=0.2, seq_len=16), calibration=_calib(),
                            loaded=_loaded(), progress=False)
     assert result.report["perplexity"]["seq_len"] == 16  # the run's --seq-len, not a fixed 128
@@ -262,6 +270,10 @@ def test_tokenizer_beyond_the_model_vocabulary(tmp_path, capsys):
     with pytest.raises(GispError, match=r"tokenizer has 96 tokens \(ids up to 95\) but the model's embedding has 64"):
         load_model(str(folder))
     _cli_error(capsys, ["eval", str(folder), "--windows", "2"], "embedding has 64 rows")
+    loaded = LoadedModel(tiny_model("llama-gqa", vocab_size=64), tiny_tokenizer(), "tiny")
+    with pytest.raises(GispError, match=r"model 'tiny': its tokenizer has 96 tokens"):
+        compile_model(_config(tmp_path, "o"), calibration=_calib(), loaded=loaded, progress=False)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     from gisp_fx.evaluate import wikitext2_perplexity
 
     # WikiText-2 through the tiny word-level tokenizer is mostly <unk> (id 3): a 3-row embedding has no row for it
@@ -269,6 +281,7 @@ def test_tokenizer_beyond_the_model_vocabulary(tmp_path, capsys):
         wikitext2_perplexity(tiny_model("llama-gqa", vocab_size=3), tiny_tokenizer(), 16, 2, progress=False)
 
 
+@pytest.mark.slow  # a traced export
 def test_fused_export_with_an_unsupported_head_size(tmp_path, capsys):
     from gisp_fx.exporters.onnx import export_model
 
