@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from gisp_fx.errors import GispError
-from gisp_fx.exporters.fused import FAMILIES, write_fused
+from gisp_fx.exporters.fused import FAMILIES, unsupported_head, write_fused
 from gisp_fx.exporters.genai import genai_note, write_genai_config
 from gisp_fx.exporters.int4 import Int4Config, calibration_grams
 from gisp_fx.exporters.layout import CacheLayout
 from gisp_fx.exporters.onnx import (INT8_FILE, META_FILE, MODEL_FILE, OPSET, TOLERANCE, FP16_TOLERANCE, OnnxExport,
                                     parity, quantize_int8, write_onnx)
-from gisp_fx.loading import param_counts
+from gisp_fx.loading import LoadedModel, param_counts
+from gisp_fx.preflight import require_types
 from gisp_fx.save import save_tokenizer, staged_dir
 
 GRAPHS = ("fused", "traced")
@@ -32,10 +33,16 @@ def choose_graph(model: nn.Module, graph: str | None, with_past: bool) -> str:
     if graph is not None and graph not in GRAPHS:
         raise GispError(f"--graph: expected one of {', '.join(GRAPHS)}, got '{graph}'")
     kind = getattr(model.config.get_text_config(decoder=True), "model_type", "")
+    why = unsupported_head(model) if kind in FAMILIES else None
     if graph is None:
+        if with_past and kind in FAMILIES and why:
+            print(f"export: the fused graph is not written for this model ({why}); exporting the traced graph")
+            return "traced"
         return "fused" if with_past and kind in FAMILIES else "traced"
     if graph == "fused" and not with_past:
         raise GispError("--graph fused: the fused graph always has a KV cache; add --with-past, or use --graph traced")
+    if graph == "fused" and why:
+        raise GispError(f"--graph fused: {why}; nothing was written: use --graph traced (or leave --graph out)")
     return graph
 
 
@@ -61,6 +68,7 @@ def export_model(loaded, output: str | os.PathLike, *, with_past: bool = True, o
     FP16_TOLERANCE)."""
     import onnx
 
+    require_types("export_model", loaded=(loaded, LoadedModel), output=(output, (str, os.PathLike)))
     out = Path(output)
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it, or choose another folder")

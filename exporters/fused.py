@@ -27,6 +27,7 @@ from gisp_fx.exporters.int4 import Int4Config, matmul_nbits
 from gisp_fx.exporters.layout import CacheLayout
 
 FAMILIES = ("llama", "qwen2")  # model_type values the fused builder covers; others take --graph traced
+GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention takes head sizes that are multiples of 16 only
 MS = "com.microsoft"
 DEFAULT_POSITIONS = -(2 ** 62)  # logits_positions' default: every position (its only negative value below -1)
 DTYPES = {"float32": np.float32, "float16": np.float16}  # the graph's float type: weights, activations, cache
@@ -364,3 +365,14 @@ def write_fused(model: nn.Module, path, quantize=None, genai_file: str | None = 
               "quantize": quantize if quantize is None or isinstance(quantize, str) else asdict(quantize),
               "zero_query_heads": sum(s.query_order.count(-1) for _, s in kept)}
     return layout, seconds, report
+
+
+def unsupported_head(model) -> str | None:
+    """Why onnxruntime's GroupQueryAttention cannot run this model's heads, or None: pruning removes whole heads,
+    so the head size is the dense model's."""
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim % GQA_HEAD_MULTIPLE:
+        return (f"head size {head_dim} is not a multiple of {GQA_HEAD_MULTIPLE}, which onnxruntime's "
+                "GroupQueryAttention kernel requires")
+    return None

@@ -43,6 +43,9 @@ def model_file(path: str | os.PathLike) -> Path:
     """A folder holding model.onnx, or an .onnx file itself."""
     p = Path(path)
     file = p / "model.onnx" if p.is_dir() else p
+    if p.is_dir() and not file.is_file() and (p / "gisp_onnx.json").is_file():
+        raise GispError(f"'{path}' is a gisp-fx ONNX export (it has gisp_onnx.json) but its model.onnx is missing; "
+                        "export it again with `gisp-fx export`")
     if not file.is_file() or file.suffix != ".onnx":
         raise GispError(f"'{path}': expected an ONNX export (a folder with model.onnx, as written by "
                         "`gisp-fx export`, or an .onnx file)")

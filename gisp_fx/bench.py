@@ -166,7 +166,8 @@ class TorchTimer:
 # -- targets -----------------------------------------------------------------------------------------------------
 def is_onnx_export(spec: str) -> bool:
     p = Path(spec)
-    return (p / "model.onnx").is_file() or (p.is_file() and p.suffix == ".onnx")
+    # an export folder whose model.onnx is gone is still one (exporters/ort.py model_file says what is missing)
+    return (p / "model.onnx").is_file() or (p / "gisp_onnx.json").is_file() or (p.is_file() and p.suffix == ".onnx")
 
 
 def _export_params(meta_file: Path) -> dict:
@@ -226,7 +227,8 @@ def make_targets(specs: list[str], engines: list[str], opts: list[str], settings
                 if not file.is_file():
                     if engine != "ort":
                         continue  # this export has no int8 / int4 variant
-                    raise GispError(f"bench: '{file}' is missing")
+                    raise GispError(f"bench: '{folder}' is a gisp-fx ONNX export but its model.onnx is missing; "
+                                    "export it again with `gisp-fx export`")
                 for opt in opts:
                     out.append((Target(spec, engine, opt, params), OrtTimer(file, settings.provider, threads, opt)))
         else:

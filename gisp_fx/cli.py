@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from gisp_fx.errors import GispError
@@ -35,12 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("gisp-fx: interrupted", file=sys.stderr)
+        return INTERRUPTED
     try:
         args.func(args)
     except GispError as exc:
         print(f"gisp-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # one line, no traceback: what was kept and how to go on
+        hint = "; ".join(getattr(exc, "__notes__", [])) or "nothing was written"
+        exc.__traceback__ = None  # frees the frames now: their progress bars close before the line, not after it
+        gc.collect()
+        print(f"\ngisp-fx {args.command}: interrupted; {hint}", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as exc:  # a disk that fills or a file that vanishes mid-command: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gisp-fx {args.command}: error: {exc.strerror or exc}{where}; outputs are staged and renamed at the "
+              "end, so nothing half-written was left: free the space or fix the path and run it again",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gisp_fx.outputs import refuse_overlap
+
 
 def _export(args: argparse.Namespace) -> None:
     from gisp_fx.exporters.export import export_model
@@ -11,6 +13,7 @@ def _export(args: argparse.Namespace) -> None:
     from gisp_fx.save import check_output_folder
 
     check_output_folder(args.output)
+    refuse_overlap(args.output, {"the input model folder": args.model})
     if args.exporter == "optimum":
         from gisp_fx.exporters.optimum import export_optimum
 

@@ -20,7 +20,9 @@ from gisp_fx.errors import GispError
 from gisp_fx.evaluate import Perplexity, wikitext2_perplexity
 from gisp_fx.loading import load_model
 from gisp_fx.memory import lean_heap_, peak_rss_mb
+from gisp_fx.outputs import owned_output
 from gisp_fx.passes.analyse import analyse
+from gisp_fx.preflight import check_calibration_positions
 from gisp_fx.passes.repair import check_calibration
 from gisp_fx.passes.select import parse_protect
 from gisp_fx.prune import StepFailed, check_target, free_memory, prune_
@@ -28,9 +30,6 @@ from gisp_fx.report import write_report
 from gisp_fx.rundir import TRAJECTORY_DIR, dense_perplexity, prepare_output, publish, resumable
 from gisp_fx.save import save_pruned
 from gisp_fx.sharded import require_world
-
-EVAL_SEQ_LEN = 128  # the paper's WikiText-2 protocol: non-overlapping windows of 128 tokens
-
 
 @dataclass(frozen=True)
 class CompileResult:
@@ -42,6 +41,7 @@ def _ppl(p: Perplexity) -> dict:
     return {"ppl": p.ppl, "windows": p.subset, "seq_len": p.seq_len, "bos": p.bos}
 
 
+@owned_output  # refuses an output over its input, probes it, holds its lock for the whole run
 def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: bool = False, calibration=None,
                   on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True,
                   loaded=None, discard_partial: bool = False) -> CompileResult:
@@ -70,11 +70,12 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     settings = config.gisp()
     plan0 = analyse(model)  # the targets and the calibration are checked before any evaluation or gradient
     check_target(settings, plan0, parse_protect(config.protect, len(plan0.layers)))
+    check_calibration_positions(model, config.method, config.seq_len)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
     check_calibration(plan0, calib, settings.repair_settings())
     free_memory()  # the load's, the capture's and the tokenizer's temporaries
     before = dense_perplexity(partial, lambda: _ppl(wikitext2_perplexity(
-        model, tokenizer, EVAL_SEQ_LEN, config.eval_windows, progress=progress, desc="dense ppl", bos=config.bos)))
+        model, tokenizer, config.seq_len, config.eval_windows, progress=progress, desc="dense ppl", bos=config.bos)))
 
     def saved(traj, pruned) -> None:
         traj.save(traj_dir)
@@ -90,7 +91,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     if analyse(model) != result.plan:  # the verifier: the shrunk model's own graph must give the predicted plan
         raise GispError("verify: the re-captured graph of the pruned model disagrees with the rewrite's plan; "
                         "this is a gisp-fx bug, please report it with the model and settings")
-    after = _ppl(wikitext2_perplexity(model, tokenizer, EVAL_SEQ_LEN, config.eval_windows, progress=progress,
+    after = _ppl(wikitext2_perplexity(model, tokenizer, config.seq_len, config.eval_windows, progress=progress,
                                       desc="pruned ppl", bos=config.bos))
     save_pruned(model, tokenizer, partial)
     report = write_report(partial, config, result.plan0, result.plan, result.trajectory, before, after,

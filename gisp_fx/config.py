@@ -110,8 +110,9 @@ class GispConfig:
                             f"{', '.join(REPAIR_AT)}, got '{self.repair}' and '{self.repair_at}'")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise GispError(f"--memory-budget must be a positive number of GB, got {self.memory_budget_gb}")
-        if self.protect is not None and not self.protect.strip():
-            raise GispError("--protect is empty; give 'none' to protect no layer, or layer indices such as '0,1,29'")
+        if self.protect is not None and (not isinstance(self.protect, str) or not self.protect.strip(" ,")):
+            raise GispError(f"--protect: got '{self.protect}', an empty list; give 'none' to protect no layer, "
+                            "comma-separated layer indices, or leave the flag out for the default")
         if self.effective_method is Method.PG:
             self.pg_config().validate()
         if self.repair != "none" and self.effective_method.calibration_free:

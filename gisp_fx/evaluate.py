@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from gisp_fx.datasets import token_windows, wikitext2_test_text, window_bos
 from gisp_fx.errors import GispError
+from gisp_fx.preflight import check_ids, fit_positions
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,12 @@ def wikitext2_perplexity(model, tokenizer, seq_len: int = 128, windows: int | No
     """exp(mean over windows of the mean next-token NLL): the protocol of the GISP / Wanda / SparseGPT papers, with
     every window starting with BOS where the tokenizer adds one (`bos`: see datasets.window_bos)."""
     check_eval_settings(seq_len, batch_size)
+    seq_len = fit_positions(model, seq_len)  # never past the model's positions: clamped, with a note
     start = window_bos(tokenizer, bos)
     all_windows = window_ids(tokenizer, seq_len, start)
     pick = evenly_spaced(len(all_windows), windows)
     data = all_windows[torch.from_numpy(pick)]
+    check_ids(model, data, "WikiText-2 windows")
     device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
     from gisp_fx.passes.lm_loss import check_head_, token_nll
 

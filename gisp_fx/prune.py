@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from gisp_fx.calibration import as_calibration
 from gisp_fx.config import Checkpoint, CompileConfig, GispConfig
 from gisp_fx.errors import GispError
+from gisp_fx.fingerprint import require_same_weights, weights_fingerprint
 from gisp_fx.memory import free_bytes, scoring_bytes, trim_
 from gisp_fx.methods import StepInput, run_step
 from gisp_fx.passes.analyse import analyse
@@ -144,6 +145,7 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
     if resume is not None:
         if resume.plan != plan0:
             raise GispError("resume: the model is not the one the trajectory started from")
+        require_same_weights(resume.fingerprint, model, plan0, str(resume.config.get("model")), "--resume")
         traj = resume
         at_step = repair.at == "step"
         chunks = [s.refs() for s in traj.steps] if at_step else [traj.removed_until(len(traj.steps))]
@@ -151,6 +153,7 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
     else:
         record = record if record is not None else CompileConfig.from_gisp(config).to_json()
         traj = Trajectory({**record, "groups_per_step": None}, plan0)
+        traj.fingerprint = weights_fingerprint(model, plan0)
         plan, alive = plan0, Alive(plan0)
 
     scores = None

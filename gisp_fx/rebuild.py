@@ -14,7 +14,10 @@ from gisp_fx.calibration import build_calibration
 from gisp_fx.config import CompileConfig, Method
 from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
+from gisp_fx.fingerprint import require_same_weights
 from gisp_fx.loading import LoadedModel, load_model
+from gisp_fx.outputs import refuse_overlap
+from gisp_fx.preflight import require_types
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import Scores
 from gisp_fx.passes.pg import build_units, select_by_probability
@@ -146,6 +149,7 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
     plan0 = analyse(loaded.model)
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config.get('model')}' is not the one this trajectory pruned")
+    require_same_weights(traj.fingerprint, loaded.model, plan0, str(traj.config.get("model")), "materialize")
     calibration = build_calibration(calib_config, loaded.tokenizer) if calib_config else None
     chunks = [removed]
     if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
@@ -177,7 +181,10 @@ def save_materialized(run_dir: str, sparsity: float | None, output: str, *, step
                       dtype: str = "float32", repair: str | None = None, calib: str | None = None):
     """`gisp-fx materialize`: rebuild the model at a sparsity (or step) of a run and save it as a model folder;
     returns (model, plan, sparsity)."""
+    require_types("materialize", run_dir=(run_dir, (str, Path)), sparsity=(sparsity, (float, int, type(None))),
+                  output=(output, (str, Path)), step=(step, (int, type(None))))
     out = check_output_folder(output)
+    refuse_overlap(out, {"the run folder": run_dir, "its model": load_trajectory(run_dir).config["model"]})
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from gisp_fx.config import CompileConfig
+from gisp_fx.passes.select import parse_protect
 from gisp_fx.plan import GroupPlan
 
 PNG = "kept_per_layer.png"
@@ -44,6 +45,7 @@ def write_report(folder: Path, config: CompileConfig, plan0: GroupPlan, plan: Gr
         "perplexity": {"dataset": "wikitext2 test", "seq_len": before["seq_len"], "windows": before["windows"],
                        "bos": {"mode": config.bos, "window_starts_with_bos": after.get("bos", False)},
                        "before": before["ppl"], "after": after["ppl"]},
+        "protected_layers": sorted(parse_protect(config.protect, len(plan0.layers))),
         "layers": layer_rows(plan0, plan), "steps": steps,
         "wall_s": wall_s, "peak_rss_mb": max(peak_rss_mb), "activation_checkpointing": checkpoint,
         # the memory yardstick: peak resident memory over the original model's weights in fp32
@@ -114,6 +116,9 @@ def _markdown(r: dict) -> str:
         *([f"Repair: **{r['repair']['mode']}** at {r['repair']['at']} ({r['repair']['inputs']} inputs, damping "
            f"{r['repair']['damping']}), {len(r['repair']['runs'])} run(s), {r['repair']['wall_s']:.1f} s "
            f"({100 * r['repair']['share_of_wall']:.1f} % of the wall time).", ""] if "repair" in r else []),
+        f"Protected layers (never pruned): {', '.join(map(str, r['protected_layers'])) or 'none'} ("
+        + (f"--protect {r['config']['protect']})" if r["config"].get("protect") else
+           "the default: the first 10 % and the last)") + ".", "",
         f"![kept per layer]({PNG})", "",
         *([f"Policy gradient: {r['history']['iterations']} iterations, sampled loss {r['history']['first_loss']:.3f} "
            f"-> {r['history']['last_loss']:.3f}, mean entropy of the keep-probabilities at the end "

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from gisp_fx import modeling_gisp
+from gisp_fx.outputs import probe_writable
 
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_gisp.GispForCausalLM"}
 
@@ -101,7 +102,8 @@ def staged_dir(out: Path):
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--output") -> Path:
-    """Refuse an output path that cannot become a folder: an existing file, or a path under one."""
+    """Refuse an output path that cannot become a folder: an existing file, a path under one, or a place that
+    cannot be written (a read-only file system, /proc, a full disk: probed with an empty folder)."""
     from gisp_fx.errors import GispError
 
     out = Path(out)
@@ -109,4 +111,5 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--output") -> Path:
         if path.exists() and not path.is_dir():
             where = "is a file" if path == out else f"lies under '{path}', which is a file"
             raise GispError(f"{flag} '{out}' {where}; gisp-fx writes a folder there: choose a folder path")
+    probe_writable(out.absolute())
     return out

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gisp_fx.errors import GispError
+from gisp_fx.passes.select import FreedParams
 from gisp_fx.plan import GroupPlan, GroupRef, Kind
 
 TRAJECTORY_VERSION = 1
@@ -38,6 +39,7 @@ class Trajectory:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "step{t}.heads" [L, H0] ..., NaN once removed
     history: list[dict] = field(default_factory=list)  # per-iteration record of an iterative optimiser (pg)
     repair: list[dict] = field(default_factory=list)  # each repair that ran: at which step ("end"), settings, time
+    fingerprint: str | None = None  # hash of the dense model's prunable weights (gisp_fx.fingerprint); None: older runs
 
     def removed_until(self, step: int) -> tuple[GroupRef, ...]:
         return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
@@ -48,6 +50,8 @@ class Trajectory:
                "steps": [asdict(s) for s in self.steps], "history": self.history}
         if self.repair:
             doc["repair"] = self.repair
+        if self.fingerprint:
+            doc["weights"] = self.fingerprint
         tmp = folder / "trajectory.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         if self.scores:
@@ -98,7 +102,44 @@ class Trajectory:
         if not isinstance(repair, list):
             raise GispError(f"trajectory '{path}': 'repair' is a {type(repair).__name__}, expected a list; it is "
                             "damaged: compile the run again")
-        return Trajectory(config, plan, steps, scores, history, repair)
+        fingerprint = doc.get("weights")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise GispError(f"trajectory '{path}': 'weights' is a {type(fingerprint).__name__}, expected a hash "
+                            "string; it is damaged: compile the run again")
+        traj = Trajectory(config, plan, steps, scores, history, repair, fingerprint)
+        problem = inconsistency(traj)
+        if problem:
+            raise GispError(f"trajectory '{path}': {problem}; it is damaged or was edited: compile the run again")
+        return traj
+
+
+def inconsistency(traj: Trajectory) -> str | None:
+    """The first way the steps contradict the plan or themselves, or None: steps numbered 1, 2, ... in order,
+    every removal a group of the original plan (layer and index in range), no group removed twice, and each
+    step's recorded sparsity and decoder parameters those its removals give."""
+    plan, freed, seen = traj.plan, 0, {}
+    counter = FreedParams(plan)
+    for position, step in enumerate(traj.steps, 1):
+        if step.step != position:
+            return f"step {position} is missing or out of order (the {position}th step is numbered {step.step})"
+        for layer, kind, index in step.removed:
+            group = f"{kind} {index} of layer {layer}"
+            if not isinstance(layer, int) or not 0 <= layer < len(plan.layers):
+                return f"step {step.step}: {group}: the model has layers 0..{len(plan.layers) - 1}"
+            block = plan.layers[layer].attention if kind == "head" else plan.layers[layer].mlp
+            size = (block.num_heads if kind == "head" else block.channels) if block is not None else 0
+            if not isinstance(index, int) or not 0 <= index < size:
+                return f"step {step.step}: {group} does not exist (layer {layer} has {size} {kind}s)"
+            if (layer, kind, index) in seen:
+                return f"step {step.step}: {group} is listed twice (first at step {seen[layer, kind, index]})"
+            seen[layer, kind, index] = step.step
+            freed += counter.remove(GroupRef(layer, Kind(kind), index))
+        sparsity = freed / plan.decoder_params
+        if abs(step.sparsity - sparsity) > 1e-6 or step.decoder_params != plan.decoder_params - freed:
+            return (f"step {step.step}: recorded sparsity {step.sparsity:.6f} ({step.decoder_params:,} decoder "
+                    f"parameters) does not match its removals, which give {sparsity:.6f} "
+                    f"({plan.decoder_params - freed:,})")
+    return None
 
 
 def _group_counts(plan: GroupPlan, kind: str) -> list[int]:

@@ -31,6 +31,9 @@ def parse_protect(spec: str | None, num_layers: int) -> frozenset[int]:
         return default_protected(num_layers)
     if spec.strip().lower() == "none":
         return frozenset()
+    if not spec.strip(" ,"):  # '' would silently protect nothing: 'none' says so on purpose
+        raise GispError(f"--protect: got '{spec}', an empty list; give 'none' to protect no layer, comma-separated "
+                        "layer indices, or leave the flag out for the default (first 10 % and the last layer)")
     try:
         layers = frozenset(int(x) for x in spec.split(",") if x.strip())
     except ValueError as exc:
