@@ -48,6 +48,14 @@ Prunes to a *measured* decoder-layer parameter sparsity and writes a model folde
 - Outputs go to `OUTPUT.partial` and are renamed at the end. `--resume` continues an interrupted run from its last
   finished step. An interrupted run is never deleted silently: a new run of the same `--output` is refused until
   you pass `--resume` or `--discard-partial`.
+- One run writes an `--output` at a time: a lock (`.OUTPUT.lock` beside it, released when the process ends) makes a
+  second run fail at once, naming the first one's pid. An `--output` that is, lies inside or contains the input
+  model folder is refused even with `--overwrite`; one that cannot be written (read-only, full) is refused before
+  the model loads. Ctrl-C exits 130 with one line saying how to resume.
+- The report's perplexity windows are `--seq-len` tokens long (the model's `max_position_embeddings` where that is
+  shorter, with a note); calibration windows longer than the model's positions are refused.
+- `--checkpoint auto` (the default) recomputes activations while scoring only when the scoring pass's estimated
+  memory exceeds `--memory-budget` (default: half the memory free when the run starts): SmolLM2 runs without it.
 - `--eval-windows all` scores all 2,382 WikiText-2 test windows (about 10 minutes per SmolLM2-sized model on
   2 CPU cores).
 - Methods: [method.md](method.md); `--repair`: [repair.md](repair.md); `--device`, `--dtype`, `--checkpoint`,
