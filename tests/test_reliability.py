@@ -117,19 +117,19 @@ def test_full_disk_is_refused_before_loading(source, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # two compiles
 def test_write_failure_keeps_the_run_resumable(tmp_path, monkeypatch):
-    import gisp_fx.save
+    import gisp_fx.compile
 
-    real = gisp_fx.save.save_pruned
+    real = gisp_fx.compile.save_pruned  # patched where compile calls it
 
     def full(model, tokenizer, folder):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.safetensors"))
 
-    monkeypatch.setattr(gisp_fx.save, "save_pruned", full)
+    monkeypatch.setattr(gisp_fx.compile, "save_pruned", full)
     with pytest.raises(GispError, match=r"No space left on device.*kept in '.*run.partial': resume with the same "
                                         r"command and --resume"):
         compile_model(_config(tmp_path), calibration=_calib(), loaded=_loaded(), progress=False)
     assert (tmp_path / "run.partial" / "trajectory" / "trajectory.json").is_file()
-    monkeypatch.setattr(gisp_fx.save, "save_pruned", real)
+    monkeypatch.setattr(gisp_fx.compile, "save_pruned", real)
     result = compile_model(_config(tmp_path), calibration=_calib(), loaded=_loaded(), progress=False, resume=True)
     assert (result.output / "model.safetensors").is_file() and not (tmp_path / "run.partial").exists()
 
@@ -297,8 +297,8 @@ def test_fused_export_with_an_unsupported_head_size(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [pytest.param("compile", marks=pytest.mark.slow), "eval", "materialize"])
 def test_ctrl_c_is_one_line_and_exit_130(source, tmp_path, capsys, monkeypatch, command):
-    import gisp_fx.evaluate
-    import gisp_fx.save
+    import gisp_fx.compile
+    import gisp_fx.rebuild
     import gisp_fx.tasks
 
     folder, run = source
@@ -310,8 +310,9 @@ def test_ctrl_c_is_one_line_and_exit_130(source, tmp_path, capsys, monkeypatch, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    module, name = {"compile": (gisp_fx.evaluate, "wikitext2_perplexity"), "eval": (gisp_fx.tasks, "evaluate"),
-                    "materialize": (gisp_fx.save, "save_pruned")}[command]
+    # patched where the command calls it
+    module, name = {"compile": (gisp_fx.compile, "wikitext2_perplexity"), "eval": (gisp_fx.tasks, "evaluate"),
+                    "materialize": (gisp_fx.rebuild, "save_pruned")}[command]
     real = getattr(module, name)
     monkeypatch.setattr(module, name, interrupt)
     argv = {"compile": ["compile", str(folder), "--sparsity", "0.3", *MAGNITUDE, "--output", str(tmp_path / "o")],
