@@ -40,6 +40,7 @@ class Trajectory:
     history: list[dict] = field(default_factory=list)  # per-iteration record of an iterative optimiser (pg)
     repair: list[dict] = field(default_factory=list)  # each repair that ran: at which step ("end"), settings, time
     fingerprint: str | None = None  # hash of the dense model's prunable weights (gisp_fx.fingerprint); None: older runs
+    recover: list[dict] = field(default_factory=list)  # each distillation run on the result (gisp-fx recover)
 
     def removed_until(self, step: int) -> tuple[GroupRef, ...]:
         return tuple(ref for s in self.steps if s.step <= step for ref in s.refs())
@@ -52,6 +53,8 @@ class Trajectory:
             doc["repair"] = self.repair
         if self.fingerprint:
             doc["weights"] = self.fingerprint
+        if self.recover:
+            doc["recover"] = self.recover
         tmp = folder / "trajectory.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         if self.scores:
@@ -106,7 +109,11 @@ class Trajectory:
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise GispError(f"trajectory '{path}': 'weights' is a {type(fingerprint).__name__}, expected a hash "
                             "string; it is damaged: compile the run again")
-        traj = Trajectory(config, plan, steps, scores, history, repair, fingerprint)
+        recover = doc.get("recover", [])
+        if not isinstance(recover, list):
+            raise GispError(f"trajectory '{path}': 'recover' is a {type(recover).__name__}, expected a list; it is "
+                            "damaged: recover the run again")
+        traj = Trajectory(config, plan, steps, scores, history, repair, fingerprint, recover)
         problem = inconsistency(traj)
         if problem:
             raise GispError(f"trajectory '{path}': {problem}; it is damaged or was edited: compile the run again")
