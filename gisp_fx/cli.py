@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gisp_fx.cli_export import add_export_commands
 
     add_export_commands(sub)
+    from gisp_fx.cli_recover import add_recover_command
+
+    add_recover_command(sub)
     return parser
 
 
