@@ -102,7 +102,8 @@ def load_teacher(run_dir: Path, traj: Trajectory, teacher: str | None, device: t
                  dtype: torch.dtype) -> LoadedModel:
     """The dense model the run pruned (as its trajectory recorded it, or `teacher`), checked against the run's plan."""
     spec = teacher or traj.config["model"]
-    where = "--teacher" if teacher else f"the run's dense model (recorded in {run_dir / TRAJECTORY_DIR}/trajectory.json)"
+    recorded = run_dir / TRAJECTORY_DIR / "trajectory.json"
+    where = "--teacher" if teacher else f"the run's dense model (recorded in {recorded})"
     try:
         loaded = load_model(spec, dtype=dtype, device=str(device))
     except GispError as exc:

@@ -21,7 +21,7 @@ from torch import nn
 
 from gisp_fx.errors import GispError
 from gisp_fx.passes.distill import check_pair, distill_loss
-from gisp_fx.passes.lm_loss import checkpointed
+from gisp_fx.passes.lm_loss import check_head_, checkpointed
 from gisp_fx.passes.lora import add_lora_, merge_lora_
 
 RECOVER_CONFIG_VERSION = 1
@@ -145,6 +145,8 @@ class Recovery:
         if windows.ndim != 2 or windows.shape[1] != config.seq_len or len(windows) == 0:
             raise GispError(f"recover: the windows are {tuple(windows.shape)}, expected [n >= 1, {config.seq_len}]")
         check_pair(student, teacher)
+        for model in (student, teacher):  # a family whose logits are not head(decoder) must not train on a wrong loss
+            check_head_(model, windows[:1].to(next(model.parameters()).device))
         self.student, self.teacher, self.config, self.windows = student, teacher, config, windows
         teacher.eval().requires_grad_(False)
         student.eval()  # no dropout: the distillation target and the student's own forward stay deterministic

@@ -6,7 +6,9 @@ import copy
 import hashlib
 import json
 import random
+import runpy
 import shutil
+import sys
 
 import pytest
 import torch
@@ -237,3 +239,16 @@ def test_cli_bad_input_one_line_and_nothing_written(run, capsys, tmp_path):
                "dense model", str(tmp_path / "gone"), "--teacher")
     _cli_error(capsys, base + ["--tokens", "64", "--data", str(tmp_path / "none.txt")], "no such file")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_recovery_benchmark_on_a_tiny_run(run, tmp_path, monkeypatch):
+    root, run_dir, data = run
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/recovery.py", "--run", run_dir, "--budgets", "32,64", "--work",
+                                      str(tmp_path / "work"), "--output", str(out), "--eval-windows", "2",
+                                      "--seq-len", str(SEQ), "--batch-tokens", str(SEQ), "--data", data])
+    runpy.run_path("benchmarks/recovery.py", run_name="__main__")
+    doc = json.loads((out / "recovery.json").read_text())
+    assert [c["tokens"] for c in doc["cells"]] == [32, 64] and doc["dense_ppl"] > 0
+    assert all(c["ppl_after"] > 0 and c["peak_rss_mb"] > 0 for c in doc["cells"])
+    assert (out / "recovery.png").is_file() and "| run |" in (out / "recovery.md").read_text()

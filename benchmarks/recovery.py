@@ -1,0 +1,153 @@
+"""Recovery by distillation at several token budgets: WikiText-2 perplexity before and after, against the dense model.
+
+For each budget, `gisp-fx recover RUN --tokens N` runs in its own process (so that each one's peak RSS is its own),
+writing RUNS/<run>-kd-<N>; then benchmarks/results/recovery/recovery.{json,md,png} gather every measured cell
+(cells of earlier invocations are kept, the same cell is replaced): perplexity before / after on the same test
+windows, the dense model's on those windows, tokens, tokens/s, wall time, peak RSS against the issue's bound
+(4 x the student's fp32 weight bytes + the teacher's).
+
+    python benchmarks/recovery.py --run /tmp/s50 --budgets 50000,200000 --eval-windows 256
+
+WikiText-2 train (the default --data) is in-domain for WikiText-2 test: perplexity alone overstates recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gisp_fx.evaluate import wikitext2_perplexity
+from gisp_fx.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "recovery"
+
+
+def dense_ppl(model: str, windows: int | None, bos: str) -> float:
+    """The dense model's WikiText-2 perplexity on the windows the recoveries are evaluated on."""
+    loaded = load_model(model)
+    return wikitext2_perplexity(loaded.model, loaded.tokenizer, 128, windows, bos=bos, desc="dense ppl").ppl
+
+
+def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> dict:
+    tag = f"{run.name}-kd-{tokens}" + (f"-lora{args.lora_rank}" if args.lora_rank else "") + (
+        f"-{args.train}" if args.train != "all" else "")
+    out = work / tag
+    cmd = [sys.executable, "-m", "gisp_fx", "recover", str(run), "--output", str(out), "--tokens", str(tokens),
+           "--lr", str(args.lr), "--batch-tokens", str(args.batch_tokens), "--seq-len", str(args.seq_len),
+           "--train", args.train, "--lora-rank", str(args.lora_rank), "--data", args.data, "--bos", args.bos,
+           "--eval-windows", str(args.eval_windows), "--dtype", args.dtype, "--overwrite"]
+    print("$ gisp-fx", " ".join(cmd[3:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    report = json.loads((out / "report.json").read_text())
+    compiled = json.loads((run / "report.json").read_text())
+    student_mb = compiled["params"]["after"] * 4 / 2**20
+    teacher_mb = compiled["params"]["before"] * 4 / 2**20
+    p = report["perplexity"]
+    return {"cell": tag, "run": str(run), "method": compiled.get("method"),
+            "sparsity": compiled["sparsity"]["measured"],
+            "repair": compiled.get("repair", {}).get("mode", "none"), "tokens": report["tokens"],
+            "steps": report["steps"], "lr": args.lr, "batch_tokens": args.batch_tokens, "train": args.train,
+            "lora_rank": args.lora_rank, "data": args.data, "dtype": args.dtype,
+            "ppl_before": p["before"], "ppl_after": p["after"], "ppl_windows": p["windows"],
+            "tokens_per_s": report["tokens_per_s"], "train_wall_s": report["train_wall_s"], "wall_s": wall,
+            "peak_rss_mb": report["peak_rss_mb"], "rss_bound_mb": 4 * student_mb + teacher_mb,
+            "first_loss": report["losses"][0], "last_loss": report["losses"][-1], "output": str(out),
+            "command": "gisp-fx " + " ".join(cmd[3:])}
+
+
+def write(doc: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recovery.json").write_text(json.dumps(doc, indent=1) + "\n")
+    dense = doc["dense_ppl"]
+    lines = [f"# Recovery by distillation (WikiText-2 perplexity on {doc['eval_windows']} test windows of 128 tokens)",
+             "", f"Dense {doc['model']}: {dense:.2f} ({doc.get('dense_source', 'measured')}). WikiText-2 train is "
+             "in-domain for WikiText-2 test: perplexity alone overstates recovery.", "",
+             "| run | repair | tokens | train | before | after | after / dense | tokens/s | train wall | wall | "
+             "peak RSS | RSS bound |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in sorted(doc["cells"], key=lambda c: (c["run"], c["tokens"])):
+        train = c["train"] + (f", LoRA {c['lora_rank']}" if c["lora_rank"] else "")
+        lines.append(f"| {Path(c['run']).name} ({c['method']} {100 * c['sparsity']:.0f} %) | {c['repair']} | "
+                     f"{c['tokens']:,} | {train} | {c['ppl_before']:.2f} | {c['ppl_after']:.2f} | "
+                     f"{c['ppl_after'] / dense:.2f}x | {c['tokens_per_s']:.0f} | {c['train_wall_s'] / 60:.1f} min | "
+                     f"{c['wall_s'] / 60:.1f} min | {c['peak_rss_mb']:,.0f} MiB | {c['rss_bound_mb']:,.0f} MiB |")
+    lines += ["", "Commands:", "", "```"] + [c["command"] for c in doc["cells"]] + ["```", "",
+                                                                                      "![perplexity](recovery.png)", ""]
+    (folder / "recovery.md").write_text("\n".join(lines))
+    plot(doc, folder / "recovery.png")
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    series: dict[str, list] = {}
+    for c in doc["cells"]:
+        key = f"{Path(c['run']).name}, {c['train']}" + (f" LoRA {c['lora_rank']}" if c["lora_rank"] else "")
+        series.setdefault(key, [(0, c["ppl_before"])]).append((c["tokens"], c["ppl_after"]))
+    for key, points in series.items():
+        points = sorted(set(points))
+        ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=key)
+    ax.axhline(doc["dense_ppl"], color="k", lw=1, ls="--", label="dense")
+    ax.axhline(1.5 * doc["dense_ppl"], color="grey", lw=1, ls=":", label="1.5x dense (target)")
+    ax.set_xlabel("recovery tokens")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a finished `gisp-fx compile` folder")
+    ap.add_argument("--budgets", default="50000,200000", help="recovery tokens, comma list")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "recovery"), help="where the recovered folders go")
+    ap.add_argument("--output", default=str(OUT), help="results folder (recovery.json, .md, .png)")
+    ap.add_argument("--eval-windows", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--train", default="all")
+    ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--data", default="wikitext2")
+    ap.add_argument("--bos", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dense-ppl", type=float, default=None,
+                    help="the dense model's perplexity on the same windows, where already measured (SmolLM2 on 256 "
+                    "windows: 58.64, benchmarks/results/calib-budget.json); measured here otherwise")
+    args = ap.parse_args()
+    run, folder = Path(args.run), Path(args.output)
+    model = json.loads((run / "report.json").read_text())["model"]
+    existing = folder / "recovery.json"
+    doc = json.loads(existing.read_text()) if existing.is_file() else {}
+    if doc.get("model") != model or doc.get("eval_windows") != args.eval_windows:
+        doc = {"model": model, "eval_windows": args.eval_windows, "dense_ppl": None, "cells": []}
+    if args.dense_ppl is not None:
+        doc["dense_ppl"], doc["dense_source"] = args.dense_ppl, "given (--dense-ppl)"
+    if doc["dense_ppl"] is None:
+        doc["dense_ppl"], doc["dense_source"] = dense_ppl(model, args.eval_windows, args.bos), "measured"
+        print(f"dense {model}: perplexity {doc['dense_ppl']:.2f} on {args.eval_windows} windows", flush=True)
+    for tokens in (int(b) for b in args.budgets.split(",")):
+        cell = run_cell(run, tokens, Path(args.work), args)
+        doc["cells"] = [c for c in doc["cells"] if c["cell"] != cell["cell"]] + [cell]
+        write(doc, folder)  # after every cell: a long sweep's finished cells are kept if it is stopped
+        print(f"{cell['cell']}: {cell['ppl_before']:.2f} -> {cell['ppl_after']:.2f} (dense {doc['dense_ppl']:.2f}), "
+              f"{cell['tokens_per_s']:.0f} tokens/s, {cell['wall_s'] / 60:.1f} min, peak {cell['peak_rss_mb']:.0f} MiB",
+              flush=True)
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()
