@@ -134,6 +134,11 @@ def main() -> None:
     doc = json.loads(existing.read_text()) if existing.is_file() else {}
     if doc.get("model") != model or doc.get("eval_windows") != args.eval_windows:
         doc = {"model": model, "eval_windows": args.eval_windows, "dense_ppl": None, "cells": []}
+    compiled = json.loads((run / "report.json").read_text())["perplexity"]
+    if doc["dense_ppl"] is None and compiled["windows"].split(" ")[0] in (str(args.eval_windows), "all") \
+            and compiled["seq_len"] == 128 and compiled["bos"]["mode"] == args.bos:
+        # the compile evaluated its dense model on the very windows the recoveries are evaluated on
+        doc["dense_ppl"], doc["dense_source"] = compiled["before"], f"the compile's report ({compiled['windows']})"
     if args.dense_ppl is not None:
         doc["dense_ppl"], doc["dense_source"] = args.dense_ppl, "given (--dense-ppl)"
     if doc["dense_ppl"] is None:
