@@ -199,7 +199,8 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
         if bar.n == 0 and run.step_index > 1:  # a resumed run: the bar starts where the checkpoint stopped
             bar.update(run.step_index - 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens / max(run.wall_s, 1e-9):.0f}")
+        recent = run.losses[-10:]  # the running loss: the mean of the last 10 steps' batches
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", tok_s=f"{run.tokens / max(run.wall_s, 1e-9):.0f}")
         if run.step_index % checkpoint_every == 0 and not run.done:
             _save_checkpoint(partial, run)
         if after_step is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import random
@@ -35,11 +36,17 @@ from test_rewrite import SELECTION
 SEQ = 16
 
 
-def _pruned_pair(arch="llama-gqa"):
+@functools.lru_cache(maxsize=None)
+def _pruned_pair_cached(arch: str):
     teacher = tiny_model(arch)
     student = copy.deepcopy(teacher)
-    shrink_(student, analyse(student), SELECTION)
+    shrink_(student, analyse(student), SELECTION)  # a torch.export capture: seconds, so done once per family
     return student, teacher
+
+
+def _pruned_pair(arch="llama-gqa"):
+    """A pruned student and its dense teacher, fresh copies."""
+    return copy.deepcopy(_pruned_pair_cached(arch))
 
 
 def _windows(n=64, seed=0):
@@ -140,7 +147,8 @@ def test_lora_recovery_trains_only_adapters_and_merges():
     config = RecoverConfig(tokens=20 * 4 * SEQ, lr=1e-2, batch_tokens=4 * SEQ, seq_len=SEQ, train="linears",
                            lora_rank=2)
     result = recover_(student, teacher, config, _windows())
-    assert result.lora_merged > 0 and _kl(student, teacher, held_out) < before
+    # rank 2 on a 64-wide model: a small but real decrease (6.6 % measured; 3 % asked)
+    assert result.lora_merged > 0 and _kl(student, teacher, held_out) < 0.97 * before
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in _pruned_pair()[0].parameters())
 
 
