@@ -6,6 +6,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import random
 import runpy
 import shutil
@@ -274,3 +275,16 @@ def test_recovery_benchmark_on_a_tiny_run(run, tmp_path, monkeypatch):
     assert [c["tokens"] for c in doc["cells"]] == [32, 64] and doc["dense_ppl"] > 0
     assert all(c["ppl_after"] > 0 and c["peak_rss_mb"] > 0 for c in doc["cells"])
     assert (out / "recovery.png").is_file() and "| run |" in (out / "recovery.md").read_text()
+
+
+def test_bfloat16_autocast_keeps_fp32_master_weights():
+    student, teacher = _pruned_pair()
+    teacher.to(torch.bfloat16)
+    held_out = _windows(8, seed=7)
+    before = _kl(student, teacher, held_out)
+    config = RecoverConfig(tokens=10 * 4 * SEQ, lr=3e-3, batch_tokens=4 * SEQ, seq_len=SEQ, precision="bfloat16")
+    result = recover_(student, teacher, config, _windows())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(math.isfinite(x) for x in result.losses) and _kl(student, teacher, held_out) < before
+    with pytest.raises(GispError, match="bfloat16"):
+        RecoverConfig(tokens=10, precision="float16").validate()
