@@ -110,7 +110,7 @@ class RecoverResult:
     lora_merged: int  # linears whose adapters were merged
 
 
-def trainable(model: nn.Module, train: Train) -> dict[str, list[str]]:
+def trainable(model: nn.Module) -> dict[str, list[str]]:
     """The decoder's parameters by kind ("norms", "linears", "other"), by name; embeddings and the head excluded."""
     head = model.get_output_embeddings()
     frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or m is head for p in m.parameters()}
@@ -150,7 +150,7 @@ class Recovery:
         self.student, self.teacher, self.config, self.windows = student, teacher, config, windows
         teacher.eval().requires_grad_(False)
         student.eval()  # no dropout: the distillation target and the student's own forward stay deterministic
-        kinds = trainable(student, config.train)
+        kinds = trainable(student)
         names = {Train.NORMS: kinds["norms"], Train.LINEARS: kinds["linears"],
                  Train.ALL: kinds["norms"] + kinds["linears"] + kinds["other"]}[config.train]
         student.requires_grad_(False)

@@ -124,7 +124,7 @@ def test_recovery_lowers_kl_and_never_touches_the_teacher():
 
 def test_train_selection_keeps_embeddings_and_head_frozen():
     student, teacher = _pruned_pair()
-    kinds = trainable(student, "all")
+    kinds = trainable(student)
     assert kinds["norms"] and kinds["linears"]
     names = [n for names in kinds.values() for n in names]
     assert not any("embed" in n or "lm_head" in n for n in names)
@@ -137,7 +137,7 @@ def test_train_selection_keeps_embeddings_and_head_frozen():
 
 def test_lora_merged_equals_unmerged_and_restores_plain_linears():
     student, teacher = _pruned_pair()
-    linears = sorted({n.rpartition(".")[0] for n in trainable(student, "all")["linears"]})
+    linears = sorted({n.rpartition(".")[0] for n in trainable(student)["linears"]})
     params = add_lora_(student, linears, rank=4, alpha=8.0, seed=0)
     with torch.no_grad():
         for p in params:
