@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.loading import LoadedModel, load_model
-from gisp_fx.memory import lean_heap_
+from gisp_fx.memory import lean_heap_, peak_rss_mb
 from gisp_fx.passes.recover import Recovery, RecoverConfig, RecoverResult, recover_
 from gisp_fx.recover_report import write_recover_report
 from gisp_fx.save import check_output_folder, save_pruned
@@ -114,15 +112,6 @@ def load_teacher(run_dir: Path, traj: Trajectory, teacher: str | None, device: t
         raise GispError(f"{where} '{spec}' has {total:,} parameters; the run pruned a model of "
                         f"{traj.plan.total_params:,}: give the dense model this run started from with --teacher")
     return loaded
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM, else ru_maxrss), in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _prepare(run_dir: Path, output: Path, resume: bool, overwrite: bool) -> Path:
