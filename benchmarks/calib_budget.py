@@ -221,7 +221,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward")
-    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto",
+                   help="activation checkpointing while scoring, as compile's --checkpoint (the same scores either way)")
     p.add_argument("--runs", default="runs/calib-budget", help="where the compiled runs go (overwritten)")
     p.set_defaults(func=run)
     p = sub.add_parser("table")

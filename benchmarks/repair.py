@@ -181,8 +181,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--windows", type=parse_windows, default=256)
-    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing while scoring (compile's default on; the same scores either way)")
+    p.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto",
+                   help="activation checkpointing while scoring, as compile's --checkpoint (the same scores either way)")
     p.add_argument("--output")
     p.add_argument("--full", action="store_true", help="also evaluate the result on all 2,382 windows")
     p.set_defaults(func=run_compile)

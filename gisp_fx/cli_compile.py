@@ -60,6 +60,11 @@ def _compile(args: argparse.Namespace) -> None:
         repair=flag["repair"], repair_at=flag["repair_at"],
     )
     config.validate(frozenset(given))
+    if args.recover_tokens is not None and args.recover_tokens < 1:
+        raise GispError(f"--recover-tokens must be at least 1, got {args.recover_tokens}")
+    if args.recover_tokens is not None and args.nproc != 1:
+        raise GispError("--recover-tokens runs in one process; drop --nproc, or run `gisp-fx recover` after the "
+                        "compile")
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         from gisp_fx.distributed import launch, strip_nproc
 
@@ -71,6 +76,16 @@ def _compile(args: argparse.Namespace) -> None:
           f"{100 * r['sparsity']['measured']:.2f} % decoder sparsity; WikiText-2 ppl "
           f"{r['perplexity']['before']:.2f} -> {r['perplexity']['after']:.2f} ({r['perplexity']['windows']} windows)")
     print(f"model, trajectory and report: {result.output}/  (report: {result.output}/report.md)")
+    if args.recover_tokens is not None:  # distil the pruned model from the dense one: OUTPUT/recovered
+        from gisp_fx.passes.recover import RecoverConfig
+        from gisp_fx.recover_run import recover_run
+
+        done = recover_run(str(result.output), str(result.output / "recovered"),
+                           RecoverConfig(tokens=args.recover_tokens, seq_len=config.seq_len, seed=config.seed),
+                           bos=config.bos, device=config.device, eval_windows=config.eval_windows, overwrite=True)
+        p = done.report["perplexity"]
+        print(f"recovered ({done.result.tokens:,} tokens): WikiText-2 ppl {p['before']:.2f} -> {p['after']:.2f}; "
+              f"{done.output}/")
     if args.export == "onnx":
         from gisp_fx.exporters.export import export_model
         from gisp_fx.loading import load_model
@@ -210,6 +225,10 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
+    p.add_argument("--recover-tokens", type=int, metavar="N",
+                   help="after pruning, distil the pruned model from the dense one on N tokens of WikiText-2 train "
+                        "into OUTPUT/recovered (as `gisp-fx recover OUTPUT --output OUTPUT/recovered --tokens N`; "
+                        "see docs/recovery.md)")
     p.add_argument("--export", choices=["onnx"],
                    help="also export the pruned model to OUTPUT/onnx (ONNX with KV cache, parity-checked)")
     p.set_defaults(func=_compile)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from gisp_fx.datasets import MC_TASKS, McItem, data_file
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import check_eval_settings
+from gisp_fx.exporters.ort import OrtCausalLM
 from gisp_fx.preflight import require_types
 
 # task -> bundled evaluation split (lm-eval evaluates these: ARC/OpenBookQA test, the others validation)
@@ -187,7 +188,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed:
     """Run each task; the 7 commonsense tasks also give their average ('cmqa', the GISP paper's CMQA)."""
     from gisp_fx.evaluate import wikitext2_perplexity
 
-    require_types("evaluate", model=(model, torch.nn.Module), tasks=(tasks, (list, tuple)))
+    require_types("evaluate", model=(model, (torch.nn.Module, OrtCausalLM)), tasks=(tasks, (list, tuple)))
     check_tasks(tasks)
     check_eval_settings(seq_len, batch_size)
     results = []

@@ -289,3 +289,20 @@ def test_bfloat16_autocast_keeps_fp32_master_weights():
     assert all(math.isfinite(x) for x in result.losses) and _kl(student, teacher, held_out) < before
     with pytest.raises(GispError, match="bfloat16"):
         RecoverConfig(tokens=10, precision="float16").validate()
+
+
+def test_compile_recover_tokens_writes_the_recovered_model_inside_the_run(tiny_folder, tmp_path, capsys):
+    """`compile --recover-tokens N` distils right after pruning, into OUTPUT/recovered (a normal model folder with
+    the pruned shapes); a bad budget is one line before any work."""
+    from gisp_fx.cli import main as cli
+
+    out = tmp_path / "run"
+    base = ["compile", tiny_folder("llama-gqa"), "--sparsity", "0.3", "--steps", "2", "--calib-samples", "4",
+            "--seq-len", "32", "--eval-windows", "2", "--output", str(out)]
+    assert cli([*base, "--recover-tokens", "0"]) == 2
+    assert "--recover-tokens must be at least 1" in capsys.readouterr().err and not out.exists()
+    assert cli([*base, "--recover-tokens", "64"]) == 0
+    recovered = load_model(str(out / "recovered")).model
+    pruned = load_model(str(out)).model
+    assert [p.shape for p in recovered.parameters()] == [p.shape for p in pruned.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(recovered.parameters(), pruned.parameters()))
