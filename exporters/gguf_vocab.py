@@ -116,7 +116,8 @@ def from_hf(tokenizer, vocab_size: int) -> Vocab:
         what = (f"model {model.get('type')}, pre-tokenizer {pre.get('type')}, "
                 f"normalizer {(doc.get('normalizer') or {}).get('type')}")
         raise GispError(f"tokenizer: only byte-level BPE with GPT-2's pre-tokenizer and no normalizer is written from "
-                        f"a Hugging Face tokenizer (llama.cpp 'gpt2'); this one is {what}. Export the model from its "
+                        f"a Hugging Face tokenizer (llama.cpp's gpt2 model, gpt-2 pre-tokenizer); this one is {what}. "
+                        "Export the model from its "
                         "source GGUF (a pruned run of a GGUF model finds it through trajectory/trajectory.json), "
                         "where the tokenizer is copied as llama.cpp made it")
     vocab = dict(model["vocab"])
@@ -135,7 +136,7 @@ def from_hf(tokenizer, vocab_size: int) -> Vocab:
         tokens[i] = text
         types[i] = CONTROL if i in special else USER_DEFINED if i in added_ids else NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    fields = [("tokenizer.ggml.model", "gpt2", T.STRING, None), ("tokenizer.ggml.pre", "gpt2", T.STRING, None),
+    fields = [("tokenizer.ggml.model", "gpt2", T.STRING, None), ("tokenizer.ggml.pre", "gpt-2", T.STRING, None),
               ("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING),
               ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
               ("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING)]
