@@ -37,6 +37,11 @@ from gisp_fx.exporters.gguf_vocab import Vocab, from_gguf, from_hf
 FAMILIES = ("llama", "mistral", "qwen2")  # model_type values whose computation deci's graph reproduces exactly
 QUANTIZE = ("f32", "f16", "q8_0", "q4_k_m")
 LLAMA_FTYPE = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_MOSTLY_*)
+# llama.cpp quantises a tensor row by row in blocks of 32 (q8_0, q5_0) or 256 (k-quants) along its input width, and
+# falls back to f16 where the width is no multiple of 32: a pruned ffn_down (input width = the layer's channels, e.g.
+# 593) would stay f16 in a q4_k_m file, larger and slower than the dense model's. Quantised exports therefore round
+# every MLP width up to a multiple of 32 with zero channels (exact; at most 31 per layer; `gisp.zero_channels`).
+QUANT_BLOCK = 32
 ARCH = "deci"
 WHY_NOT = {  # what llama.cpp's deci graph lacks for the families gisp-fx prunes but this writer refuses
     "qwen3": "per-head q/k RMS norms",
@@ -63,6 +68,7 @@ class GgufLayer:
     zero_query_heads: int = 0
     stub_attention: bool = False
     stub_mlp: bool = False
+    zero_channels: int = 0  # MLP channels of zeros that round `ff` up for the quantiser (QUANT_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,10 @@ def _out_bias(block: nn.Module) -> np.ndarray | None:
     return _np(bias) if bias is not None and bool(bias.detach().abs().sum()) else None
 
 
-def tensors(model: nn.Module) -> tuple[dict, list[dict[str, np.ndarray]], list[GgufLayer], np.ndarray | None]:
-    """The model's weights in deci's names and layout: (global tensors, per-layer tensors, layers, rope divisors)."""
+def tensors(model: nn.Module, pad_ff: int = 1) -> tuple[dict, list[dict[str, np.ndarray]], list[GgufLayer],
+                                                        np.ndarray | None]:
+    """The model's weights in deci's names and layout: (global tensors, per-layer tensors, layers, rope divisors).
+    pad_ff: MLP widths rounded up to a multiple of it with zero channels (see QUANT_BLOCK)."""
     cfg = model.config.get_text_config(decoder=True)
     base = model.model
     hidden = cfg.hidden_size
@@ -183,8 +191,15 @@ def tensors(model: nn.Module) -> tuple[dict, list[dict[str, np.ndarray]], list[G
                 t["ffn_down.weight"] = np.zeros((hidden, 1), np.float32)
                 if mlp_bias is not None:
                     t["ffn_down.bias"] = mlp_bias
+        extra = -ff % pad_ff if ff else 0
+        if extra:  # zero channels: gate/up rows and down columns of zeros add silu(0) * 0 = 0
+            for name in ("ffn_gate", "ffn_up"):
+                t[f"{name}.weight"] = np.pad(t[f"{name}.weight"], ((0, extra), (0, 0)))
+                if f"{name}.bias" in t:
+                    t[f"{name}.bias"] = np.pad(t[f"{name}.bias"], (0, extra))
+            t["ffn_down.weight"] = np.pad(t["ffn_down.weight"], ((0, 0), (0, extra)))
         blocks.append(t)
-        layers.append(GgufLayer(heads, kv, ff, zero, stub_attn, stub_mlp))
+        layers.append(GgufLayer(heads, kv, ff + extra, zero, stub_attn, stub_mlp, extra))
 
     glob = {"token_embd.weight": _np(base.embed_tokens.weight), "output_norm.weight": _np(base.norm.weight)}
     head = model.get_output_embeddings()
@@ -217,13 +232,13 @@ def _theta(cfg) -> float:
     return float(getattr(cfg, "rope_theta", 10000.0))
 
 
-def write(model: nn.Module, vocab: Vocab, path: Path, *, dtype: str = "f32", source: str = "",
+def write(model: nn.Module, vocab: Vocab, path: Path, *, dtype: str = "f32", source: str = "", pad_ff: int = 1,
           ) -> tuple[GgufLayer, ...]:
     """Write the GGUF at `path` (f32, or f16 for 2-D weights with 1-D tensors kept f32)."""
     import gguf
 
     cfg = model.config.get_text_config(decoder=True)
-    glob, blocks, layers, freqs = tensors(model)
+    glob, blocks, layers, freqs = tensors(model, pad_ff)
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if glob["token_embd.weight"].shape[0] != vocab.size:
         raise GispError(f"export --format gguf: the tokenizer has {vocab.size} tokens, the embedding "
@@ -253,6 +268,7 @@ def write(model: nn.Module, vocab: Vocab, path: Path, *, dtype: str = "f32", sou
     w.add_array("gisp.zero_query_heads", [lay.zero_query_heads for lay in layers])
     w.add_array("gisp.stub_attention", [int(lay.stub_attention) for lay in layers])
     w.add_array("gisp.stub_mlp", [int(lay.stub_mlp) for lay in layers])
+    w.add_array("gisp.zero_channels", [lay.zero_channels for lay in layers])
     base = model.model
     for i, layer in enumerate(base.layers):
         if layers[i].zero_query_heads:
@@ -360,7 +376,8 @@ def export_gguf(model_or_dir, output: str | os.PathLike, quantize: str = "f32", 
     quant_tmp = tmp.with_suffix(".quant")
     try:
         with torch.no_grad():
-            layers = write(model, vocab, tmp, dtype="f16" if quantize == "f16" else "f32", source=spec)
+            layers = write(model, vocab, tmp, dtype="f16" if quantize == "f16" else "f32", source=spec,
+                           pad_ff=QUANT_BLOCK if quantize in LLAMA_FTYPE else 1)
         if quantize in LLAMA_FTYPE:
             quantize_file(tmp, quant_tmp, quantize, threads)
             os.replace(quant_tmp, out)
@@ -373,6 +390,9 @@ def export_gguf(model_or_dir, output: str | os.PathLike, quantize: str = "f32", 
     notes = []
     if any(lay.zero_query_heads for lay in layers):
         notes.append(f"{sum(lay.zero_query_heads for lay in layers)} zero query heads fill uneven groups")
+    if any(lay.zero_channels for lay in layers):
+        notes.append(f"{sum(lay.zero_channels for lay in layers)} zero MLP channels round widths up to multiples of "
+                     f"{QUANT_BLOCK} for the quantiser")
     if any(lay.stub_attention or lay.stub_mlp for lay in layers):
         notes.append(f"stubs: attention in layers {[i for i, lay in enumerate(layers) if lay.stub_attention]}, "
                      f"one zero MLP channel in layers {[i for i, lay in enumerate(layers) if lay.stub_mlp]}")

@@ -26,8 +26,9 @@ H, C = Kind.HEAD, Kind.CHANNEL
 ATTN0 = Selection(tuple(GroupRef(0, H, h) for h in range(4)) + tuple(GroupRef(2, C, c) for c in range(48)))
 # SELECTION: layer 0 keeps 1 head, layer 1 loses its attention, layer 2 its MLP; UNEVEN: groups of 2+1 heads
 CASES = {"dense": None, "uneven": UNEVEN, "emptied": SELECTION, "emptied-attn0": ATTN0}
-# f32 weights and an f32 KV cache: llama.cpp's logits against torch's, on logits that span about +-1 (tiny models)
-BOUND = 1e-4
+# f32 weights and an f32 KV cache: llama.cpp's logits against torch's, on logits that span about +-1 (tiny models;
+# measured at most 3.6e-7 over the cases below, Llama and Qwen2)
+BOUND = 1e-5
 
 try:
     import llama_cpp
@@ -152,8 +153,12 @@ def test_llama_cpp_tokenizes_like_hf_and_f16_q8_0_stay_close(tok, tmp_path):
     text = "the quick brown fox, pruned"
     ids = tok(text)["input_ids"]
     want = torch_logits(model, ids)
-    for kind, bound in (("f16", 2e-3), ("q8_0", 2e-2)):  # measured 3e-4 and 4e-3 (logits span +-1)
-        path = export_gguf(loaded, tmp_path / f"m-{kind}.gguf", quantize=kind).path
+    for kind, bound in (("f16", 2e-3), ("q8_0", 5e-2)):  # measured 5e-4 and 1.3e-2 (logits span +-0.9)
+        result = export_gguf(loaded, tmp_path / f"m-{kind}.gguf", quantize=kind)
+        path = result.path
+        # quantised: 48 channels rounded up to 64 with zero channels, so ffn_down is quantised, not left f16
+        assert [(x.ff, x.zero_channels) for x in result.layers] == ([(64, 16)] * 3 if kind == "q8_0" else
+                                                                   [(48, 0)] * 3)
         llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
         llm.close()
@@ -180,8 +185,8 @@ def test_mlp_free_layer_needs_its_stub_channel(tok, tmp_path, monkeypatch):
     assert np.abs(llama_logits(stubbed.path, ids) - want).max() < BOUND
     real = gguf_export.tensors
 
-    def no_stub(m):
-        glob, blocks, layers, freqs = real(m)
+    def no_stub(m, pad_ff=1):
+        glob, blocks, layers, freqs = real(m, pad_ff)
         blocks[1] = {k: v for k, v in blocks[1].items() if not k.startswith("ffn_")}
         layers[1] = gguf_export.GgufLayer(layers[1].heads, layers[1].kv_heads, 0)
         return glob, blocks, layers, freqs
@@ -202,8 +207,8 @@ def test_layer0_without_heads_needs_its_stub_head(tok, tmp_path, monkeypatch):
     model = pruned("llama-gqa", "emptied-attn0", tok)
     real = gguf_export.tensors
 
-    def no_stub(m):
-        glob, blocks, layers, freqs = real(m)
+    def no_stub(m, pad_ff=1):
+        glob, blocks, layers, freqs = real(m, pad_ff)
         blocks[0] = {k: v for k, v in blocks[0].items() if not k.startswith("attn_")}
         layers[0] = gguf_export.GgufLayer(0, 0, layers[0].ff)
         return glob, blocks, layers, freqs
@@ -293,10 +298,18 @@ def test_smollm2_gguf_greedy_equals_torch_dense_and_pruned(tmp_path):
 
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
-    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+    model = loaded.model
+    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+    prompts = [tok(t, return_tensors="pt").input_ids for t in texts]
+
+    def greedy_torch():
+        with torch.no_grad():
+            return [model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+                    [0, ids.shape[1]:].tolist() for ids in prompts]
+
     dense = export_gguf(loaded, tmp_path / "dense.gguf")
     assert dense.tokenizer == f"gguf:{bundled_gguf('smollm2')}"
-    model = loaded.model
+    runs = [(dense.path, greedy_torch())]
     refs = [GroupRef(0, H, h) for h in range(9)] + [GroupRef(5, C, c) for c in range(1536)]
     refs += [GroupRef(i, H, h) for i in range(1, 30) for h in (1, 5, 8)]  # K/V groups of 3 heads keep 2, 2, 2
     refs += [GroupRef(i, H, 4) for i in range(1, 30, 2)]  # ... and 2, 1, 2 in odd layers: uneven
@@ -305,18 +318,15 @@ def test_smollm2_gguf_greedy_equals_torch_dense_and_pruned(tmp_path):
     small = export_gguf(LoadedModel(model, tok, "smollm2"), tmp_path / "pruned.gguf")
     assert small.layers[0].stub_attention and small.layers[5].stub_mlp
     assert small.layers[1].zero_query_heads == 1 and small.layers[2].zero_query_heads == 0
-    for path, m in ((dense.path, load_model("smollm2").model), (small.path, model)):
+    runs.append((small.path, greedy_torch()))
+    for path, wants in runs:
         llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, type_k=0, type_v=0, verbose=False)
-        for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids[0].tolist()
-            with torch.no_grad():
-                want = m.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-            want = want[0, ids.shape[1]:].tolist()
+        for text, ids, want in zip(texts, prompts, wants):
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids[0].tolist()  # the copied vocab
             got = []
             for token in llm.generate(ids[0].tolist(), top_k=1, temp=0.0, reset=True):
                 got.append(int(token))
                 if len(got) == len(want):
                     break
-            assert got == want, (path.name, prompt)
+            assert got == want, path.name
         llm.close()
