@@ -167,7 +167,7 @@ def greedy(files: dict, specs: dict, new_tokens: int, threads: int) -> list[dict
     return out
 
 
-def quality(files: dict, specs: dict, windows: int, threads: int) -> list[dict]:
+def quality(files: dict, specs: dict, windows: int, threads: int, variants=("f32", "q8_0", "q4_k_m")) -> list[dict]:
     rows = []
     for tag, spec in specs.items():
         loaded = load_model(spec)
@@ -175,7 +175,7 @@ def quality(files: dict, specs: dict, windows: int, threads: int) -> list[dict]:
         ppl = wikitext2_perplexity(loaded.model, loaded.tokenizer, windows=windows, desc=f"torch {tag}")
         rows.append({"model": tag, "variant": "torch fp32", "ppl": ppl.ppl, "windows": ppl.subset})
         print(f"{tag} % torch: ppl {ppl.ppl:.3f}", flush=True)
-        for q in ("f32", "q8_0", "q4_k_m"):
+        for q in variants:
             scorer = LlamaLogits(files[tag][q], threads, ctx=ppl.seq_len)
             p = wikitext2_perplexity(scorer, loaded.tokenizer, windows=windows, batch_size=4, desc=f"{q} {tag}")
             scorer.llm.close()
@@ -203,7 +203,7 @@ def render(doc: dict) -> str:
             if "vs_dense_same_quant" in row:
                 ratios = [f"{row['vs_dense_same_quant'][m]:.2f}x" for m in METRICS]
             else:
-                ratios = [" / ".join(f"{row['llama_dense_vs_row'][q][m]:.2f}x" for q in QUANTS) for m in METRICS]
+                ratios = [" / ".join(f"{v[m]:.2f}x" for v in row["llama_dense_vs_row"].values()) for m in METRICS]
             model = row["model"]
             name = "dense" if model == "0" else f"{model} %" if model.isdigit() else model
             lines.append(f"| {name} | {row['engine']} | " + " | ".join(f"{row['median_ms'][m]:.1f}" for m in METRICS)
@@ -214,12 +214,13 @@ def render(doc: dict) -> str:
         lines.append("")
     if "quality" in doc:
         q = doc["quality"]
-        lines += ["## Parity and quality against torch", "", f"Command: `{q['command']}`", "",
-                  "Greedy, f32 GGUF (f32 KV cache), 32 new tokens: " + "; ".join(
-                      f"{g['model']} % '{g['prompt'][:24]}…' {'equal' if g['equal'] else 'DIFFERENT'}"
-                      for g in q["greedy"]), "",
-                  f"WikiText-2 perplexity ({q['windows']} test windows of 128 tokens, evenly spaced, the same for every "
-                  "row):", "", "| model | variant | ppl | vs torch |", "|---|---|---:|---:|"]
+        lines += ["## Parity and quality against torch", "", f"Command: `{q['command']}`", ""]
+        if q["greedy"]:
+            lines += ["Greedy, f32 GGUF (f32 KV cache), 32 new tokens: " + "; ".join(
+                f"{g['model']} % '{g['prompt'][:24]}…' {'equal' if g['equal'] else 'DIFFERENT'}"
+                for g in q["greedy"]), ""]
+        lines += [f"WikiText-2 perplexity ({q['windows']} test windows of 128 tokens, evenly spaced, the same for "
+                  "every row):", "", "| model | variant | ppl | vs torch |", "|---|---|---:|---:|"]
         lines += [f"| {r['model']} % | {r['variant']} | {r['ppl']:.3f} | "
                   + (f"{100 * r['vs_torch']:+.2f} %" if "vs_torch" in r else "") + " |" for r in q["ppl"]]
         lines.append("")
@@ -239,11 +240,14 @@ def main() -> None:
                          "instead of materializing the run's trajectory at that sparsity")
     ap.add_argument("--onnx", default="", help="comma-separated fused ONNX exports to time in the same loop")
     ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="quantisations timed (default f16,q8_0,q4_k_m)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--decode", type=int, default=32, help="tokens decoded per timing run, after 128")
     ap.add_argument("--windows", type=int, default=256, help="WikiText-2 test windows for the perplexity rows")
     ap.add_argument("--quality-models", default="0,50", help="tags whose greedy tokens and perplexity are measured")
+    ap.add_argument("--ppl-variants", default="f32,q8_0,q4_k_m", help="GGUF files scored beside torch")
+    ap.add_argument("--skip-greedy", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--output", default="benchmarks/results/llamacpp")
@@ -259,22 +263,28 @@ def main() -> None:
                           "loadavg_at_start": [round(x, 1) for x in os.getloadavg()], "nice": os.nice(0),
                           "llama_cpp_python": __import__("llama_cpp").__version__}
 
-    def save() -> None:
-        record.write_text(json.dumps(doc, indent=1))
-        (out / "llamacpp.md").write_text(render(doc))
+    def save() -> None:  # re-read first: a quality run and a timing run may write the same record
+        merged = json.loads(record.read_text()) if record.is_file() else {}
+        merged.update({k: v for k, v in doc.items() if k in mine})
+        record.write_text(json.dumps(merged, indent=1))
+        (out / "llamacpp.md").write_text(render(merged))
+
+    mine = {"export_f32_s", "environment"} | ({"quality"} if not args.skip_quality else set()) | (
+        {"runs"} if not args.skip_timing else set())
 
     threads = [int(t) for t in args.threads.split(",")]
     if not args.skip_quality:
         chosen = {t: specs[t] for t in args.quality_models.split(",")}
         doc["quality"] = {"command": command, "windows": args.windows,
-                          "greedy": greedy(files, chosen, 32, threads[0]),
-                          "ppl": quality(files, chosen, args.windows, threads[0])}
+                          "greedy": [] if args.skip_greedy else greedy(files, chosen, 32, threads[0]),
+                          "ppl": quality(files, chosen, args.windows, threads[0], args.ppl_variants.split(","))}
         save()
     onnx = [Path(x) for x in args.onnx.split(",") if x]
     if not args.skip_timing:
         doc["runs"] = []
     for n in ([] if args.skip_timing else threads):
-        targets = [(tag, f"llama.cpp {q}", LlamaCppTimer(files[tag][q], n, 640)) for tag in specs for q in QUANTS]
+        quants = args.quants.split(",")
+        targets = [(tag, f"llama.cpp {q}", LlamaCppTimer(files[tag][q], n, 640)) for tag in specs for q in quants]
         targets += [(d.name, "ort fused fp32", OrtTimer(d, "cpu", n, "all")) for d in onnx]
         samples = time_rows(targets, args.repeats, args.warmup, args.decode)
         for _, _, t in targets:
@@ -288,9 +298,9 @@ def main() -> None:
                 row["vs_dense_same_quant"] = paired(samples, (model, engine), ("0", engine))
             else:  # our onnxruntime export against llama.cpp's dense model, at each quantisation
                 row["llama_dense_vs_row"] = {q: paired(samples, (model, engine), ("0", f"llama.cpp {q}"))
-                                             for q in QUANTS}
+                                             for q in quants}
             rows.append(row)
-        doc["runs"].append({"threads": n, "repeats": args.repeats, "command": command,
+        doc["runs"].append({"threads": n, "repeats": args.repeats, "decode_tokens": args.decode, "command": command,
                             "loadavg_at_end": [round(x, 1) for x in os.getloadavg()], "rows": rows})
         save()
         print(render({"environment": doc["environment"], "runs": doc["runs"][-1:]}), flush=True)
