@@ -78,6 +78,11 @@ model, a pruned folder or an ONNX export folder. See [evaluation.md](evaluation.
 ONNX of a dense or pruned model, parity-checked against torch before anything is written. See
 [deployment.md](deployment.md).
 """,
+    "recover": """\
+Distils a compile's pruned model (the student) from the run's dense model (the teacher, never trained) on WikiText-2
+train or your own text, into a normal model folder with the pruned shapes: see [recovery.md](recovery.md).
+`compile ... --recover-tokens N` runs it right after pruning, into `OUTPUT/recovered`.
+""",
     "bench": """\
 Latency of dense against pruned models, onnxruntime against torch eager: prefill and decode, medians of interleaved
 runs, each speedup beside its ideal. See [deployment.md](deployment.md#latency).
