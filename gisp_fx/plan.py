@@ -348,3 +348,36 @@ class Alive:
             if len(table[layer]) - int(keep.sum()) != len(set(ids)):
                 raise ValueError(f"layer {layer}: some of the {kind.value}s {sorted(ids)} are not in the model")
             table[layer] = table[layer][keep]
+
+
+class FreedParams:
+    """Parameters freed by removing groups one by one (a K/V group's rows count once its last head goes)."""
+
+    def __init__(self, plan: GroupPlan):
+        self.plan = plan
+        self.alive_in_kv: dict[tuple[int, int], int] = {}
+        for layer in plan.layers:
+            if layer.attention is not None:
+                for g in layer.attention.kv_of_head:
+                    key = (layer.index, g)
+                    self.alive_in_kv[key] = self.alive_in_kv.get(key, 0) + 1
+
+    def cost(self, ref: GroupRef) -> int:
+        layer = self.plan.layers[ref.layer]
+        if ref.kind is Kind.CHANNEL:
+            return self.plan.channel_params(layer.mlp, ref.index)
+        a = layer.attention
+        g = a.kv_of_head[ref.index]
+        last = self.alive_in_kv[(ref.layer, g)] == 1
+        return self.plan.head_params(a, ref.index) + (self.plan.kv_params(a, g) if last else 0)
+
+    def remove(self, ref: GroupRef) -> int:
+        params = self.cost(ref)
+        if ref.kind is Kind.HEAD:
+            self.alive_in_kv[(ref.layer, self.plan.layers[ref.layer].attention.kv_of_head[ref.index])] -= 1
+        return params
+
+
+def freed_params(plan: GroupPlan, selection: Selection) -> int:
+    freed = FreedParams(plan)
+    return sum(freed.remove(ref) for ref in selection.removed)

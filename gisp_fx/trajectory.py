@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gisp_fx.errors import GispError
-from gisp_fx.passes.select import FreedParams
-from gisp_fx.plan import GroupPlan, GroupRef, Kind
+from gisp_fx.plan import FreedParams, GroupPlan, GroupRef, Kind
 
 TRAJECTORY_VERSION = 1
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from gisp_fx.errors import GispError
 from gisp_fx.passes.importance import Scores
+from gisp_fx.plan import FreedParams, freed_params  # noqa: F401  (re-exported: moved to the plan module)
 from gisp_fx.plan import AttentionBlock, GroupPlan, GroupRef, Kind, Selection
 
 
@@ -181,34 +182,6 @@ def rank(plan: GroupPlan, scores: Scores, normalize: Normalize, original: GroupP
     return Ranking.build(plan, value[order], layer[order], head[order], index[order])
 
 
-class FreedParams:
-    """Parameters freed by removing groups one by one (a K/V group's rows count once its last head goes)."""
-
-    def __init__(self, plan: GroupPlan):
-        self.plan = plan
-        self.alive_in_kv: dict[tuple[int, int], int] = {}
-        for layer in plan.layers:
-            if layer.attention is not None:
-                for g in layer.attention.kv_of_head:
-                    key = (layer.index, g)
-                    self.alive_in_kv[key] = self.alive_in_kv.get(key, 0) + 1
-
-    def cost(self, ref: GroupRef) -> int:
-        layer = self.plan.layers[ref.layer]
-        if ref.kind is Kind.CHANNEL:
-            return self.plan.channel_params(layer.mlp, ref.index)
-        a = layer.attention
-        g = a.kv_of_head[ref.index]
-        last = self.alive_in_kv[(ref.layer, g)] == 1
-        return self.plan.head_params(a, ref.index) + (self.plan.kv_params(a, g) if last else 0)
-
-    def remove(self, ref: GroupRef) -> int:
-        params = self.cost(ref)
-        if ref.kind is Kind.HEAD:
-            self.alive_in_kv[(ref.layer, self.plan.layers[ref.layer].attention.kv_of_head[ref.index])] -= 1
-        return params
-
-
 def select(plan: GroupPlan, ranked: Ranking | list[Candidate], count: int | None, params_needed: int,
            params_cap: int | None = None) -> Selection:
     """Take groups weakest first until `count` are taken or `params_needed` parameters are freed.
@@ -252,11 +225,6 @@ def groups_to_reach(plan: GroupPlan, ranked: Ranking | list[Candidate], params_n
     reached = np.cumsum(r.freed_in_order())
     n = int(np.searchsorted(reached, params_needed, side="left")) + 1
     return min(n, len(r))
-
-
-def freed_params(plan: GroupPlan, selection: Selection) -> int:
-    freed = FreedParams(plan)
-    return sum(freed.remove(ref) for ref in selection.removed)
 
 
 def select_uniform(plan: GroupPlan, scores: Scores, params_needed: int, protect: frozenset[int]) -> Selection:
