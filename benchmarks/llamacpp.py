@@ -71,11 +71,11 @@ def prepare(args) -> tuple[dict, dict, dict]:
 class LlamaCppTimer:
     """A GGUF file in llama.cpp (llama-cpp-python's defaults otherwise: f16 KV cache, its flash-attention default)."""
 
-    def __init__(self, path: Path, threads: int, ctx: int):
+    def __init__(self, path: Path, threads: int, ctx: int, flash_attn: bool = False):
         import llama_cpp
 
         self.llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+                                   n_threads_batch=threads, flash_attn=flash_attn, verbose=False)
         self.vocab = self.llm.n_vocab()
 
     def prefill(self, ids: np.ndarray) -> float:
@@ -195,7 +195,7 @@ def render(doc: dict) -> str:
              f"Machine: {doc['environment']}. Shared with other jobs: medians and paired ratios, not absolute times, "
              "are what to read.", ""]
     for run in doc.get("runs", []):
-        lines += [f"## {run['threads']} thread(s): medians of {run['repeats']} rotated repeats (ms; decode: ms/token "
+        lines += [f"## {run['threads']} thread(s){', flash attention' if run.get('flash_attn') else ''}: medians of {run['repeats']} rotated repeats (ms; decode: ms/token "
                   f"after 128) and paired ratios against llama.cpp's dense row at the same quantisation "
                   "(>1: faster than dense)", "", f"Command: `{run['command']}`", "",
                   "| model | engine | " + " | ".join(METRICS) + " | " + " | ".join(f"{m} vs dense" for m in METRICS)
@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--quality-models", default="0,50", help="tags whose greedy tokens and perplexity are measured")
     ap.add_argument("--ppl-variants", default="f32,q8_0,q4_k_m", help="GGUF files scored beside torch")
     ap.add_argument("--skip-greedy", action="store_true")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (default: off, "
+                    "llama-cpp-python's default; off, llama.cpp pads every layer's V cache to the widest layer)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--output", default="benchmarks/results/llamacpp")
@@ -285,7 +287,7 @@ def main() -> None:
         doc["runs"] = []
     for n in ([] if args.skip_timing else threads):
         quants = args.quants.split(",")
-        targets = [(tag, f"llama.cpp {q}", LlamaCppTimer(files[tag][q], n, 640)) for tag in specs for q in quants]
+        targets = [(tag, f"llama.cpp {q}", LlamaCppTimer(files[tag][q], n, 640, args.flash_attn)) for tag in specs for q in quants]
         targets += [(d.name, "ort fused fp32", OrtTimer(d, "cpu", n, "all")) for d in onnx]
         samples = time_rows(targets, args.repeats, args.warmup, args.decode)
         for _, _, t in targets:
@@ -302,6 +304,7 @@ def main() -> None:
                                              for q in quants}
             rows.append(row)
         doc["runs"].append({"threads": n, "repeats": args.repeats, "decode_tokens": args.decode, "command": command,
+                            "flash_attn": args.flash_attn,
                             "loadavg_at_end": [round(x, 1) for x in os.getloadavg()], "rows": rows})
         save()
         print(render({"environment": doc["environment"], "runs": doc["runs"][-1:]}), flush=True)
