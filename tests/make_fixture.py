@@ -17,7 +17,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model, tiny_tokenizer, tokens  # noqa: E402
 from gisp_fx.passes.shrink import shrink_  # noqa: E402
-from gisp_fx.pipeline import analyse  # noqa: E402
+from gisp_fx.passes.analyse import analyse  # noqa: E402
 from gisp_fx.save import save_pruned  # noqa: E402
 from test_rewrite import SELECTION  # noqa: E402
 
