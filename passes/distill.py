@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gisp_fx.errors import GispError
-from gisp_fx.passes.lm_loss import LOSS_CHUNK, head_fn
+from gisp_fx.passes.lm_loss import LOSS_CHUNK, chunked_backward, chunked_forward, head_fn
 
 
 def _chunk_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, targets: torch.Tensor,
@@ -32,40 +32,19 @@ class _ChunkedHeadKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, hidden_t, targets, fn, fn_t, rows, ce_weight, *params):
-        flat = hidden.reshape(-1, hidden.shape[-1])
         flat_t = hidden_t.reshape(-1, hidden_t.shape[-1])
         targets = targets.reshape(-1)
-        need = [p for p in params if p.requires_grad]
-        grad_h = torch.zeros_like(flat) if hidden.requires_grad else None
-        grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in need]
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for s in range(0, flat.shape[0], rows):
+
+        def chunk_loss(h, s):
             with torch.no_grad():
-                t_logits = fn_t(flat_t[s : s + rows])
-            with torch.enable_grad():
-                h = flat[s : s + rows].detach().requires_grad_(grad_h is not None)
-                loss = _chunk_loss(fn(h), t_logits, targets[s : s + rows], ce_weight)
-                wrt = ([h] if grad_h is not None else []) + need
-                grads = torch.autograd.grad(loss, wrt) if wrt else ()
-            total += loss.detach().double()
-            if grad_h is not None:
-                grad_h[s : s + rows] = grads[0]
-                grads = grads[1:]
-            for acc, g in zip(grad_p, grads):
-                acc += g.float()
-        ctx.shape = hidden.shape
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.mask = [p.requires_grad for p in params]
-        ctx.save_for_backward(*([grad_h] if grad_h is not None else []), *grad_p)
-        ctx.has_h = grad_h is not None
-        return total.float()
+                t_logits = fn_t(flat_t[s : s + len(h)])
+            return _chunk_loss(fn(h), t_logits, targets[s : s + len(h)], ce_weight)
+
+        return chunked_forward(ctx, hidden, params, rows, chunk_loss)
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        grad_h = (next(saved) * grad_out).reshape(ctx.shape) if ctx.has_h else None
-        params = [(next(saved) * grad_out).to(dt) if need else None for need, dt in zip(ctx.mask, ctx.dtypes)]
-        return (grad_h, None, None, None, None, None, None, *params)
+        return chunked_backward(ctx, grad_out, 6)
 
 
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:

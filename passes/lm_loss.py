@@ -61,43 +61,61 @@ def check_head_(model: nn.Module, ids: torch.Tensor) -> None:
                         f"(max difference {err:.3g}); the chunked loss does not know this family, please report it")
 
 
+def chunked_forward(ctx, hidden: torch.Tensor, params, rows: int,
+                    chunk_loss: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """The forward of a head loss taken in chunks: `chunk_loss(h, s)` (a scalar summed over the hidden states `h`
+    of positions s, s + 1, ...) for every chunk of `rows` positions, each chunk's gradients with respect to `h` and
+    to the head's `params` taken at once and kept on `ctx` for `chunked_backward`; returns the total."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    need = [p for p in params if p.requires_grad]
+    grad_h = torch.zeros_like(flat) if hidden.requires_grad else None
+    grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in need]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, flat.shape[0], rows):
+        with torch.enable_grad():
+            h = flat[s : s + rows].detach().requires_grad_(grad_h is not None)
+            loss = chunk_loss(h, s)
+            wrt = ([h] if grad_h is not None else []) + need
+            grads = torch.autograd.grad(loss, wrt) if wrt else ()
+        total += loss.detach().double()
+        if grad_h is not None:
+            grad_h[s : s + rows] = grads[0]
+            grads = grads[1:]
+        for acc, g in zip(grad_p, grads):
+            acc += g.float()
+    ctx.shape = hidden.shape
+    ctx.dtypes = [p.dtype for p in params]
+    ctx.mask = [p.requires_grad for p in params]
+    ctx.save_for_backward(*([grad_h] if grad_h is not None else []), *grad_p)
+    ctx.has_h = grad_h is not None
+    return total.float()
+
+
+def chunked_backward(ctx, grad_out: torch.Tensor, others: int) -> tuple:
+    """The backward that goes with `chunked_forward`: the stored gradients times the upstream one, for the hidden
+    states and the head's parameters (None for the `others` arguments between them)."""
+    saved = iter(ctx.saved_tensors)
+    grad_h = (next(saved) * grad_out).reshape(ctx.shape) if ctx.has_h else None
+    params = [(next(saved) * grad_out).to(dt) if need else None for need, dt in zip(ctx.mask, ctx.dtypes)]
+    return (grad_h, *([None] * others), *params)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Sum of token cross-entropies through `fn` in chunks; gradients taken chunk by chunk in forward."""
 
     @staticmethod
     def forward(ctx, hidden, labels, fn, chunk, *params):
-        flat = hidden.reshape(-1, hidden.shape[-1])
         targets = labels.reshape(-1)
-        need = [p for p in params if p.requires_grad]
-        grad_h = torch.zeros_like(flat) if hidden.requires_grad else None
-        grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in need]
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for s in range(0, flat.shape[0], chunk):
-            with torch.enable_grad():
-                h = flat[s : s + chunk].detach().requires_grad_(grad_h is not None)
-                loss = nn.functional.cross_entropy(fn(h).float(), targets[s : s + chunk], ignore_index=IGNORE,
-                                                   reduction="sum")
-                wrt = ([h] if grad_h is not None else []) + need
-                grads = torch.autograd.grad(loss, wrt) if wrt else ()
-            total += loss.detach().double()
-            if grad_h is not None:
-                grad_h[s : s + chunk] = grads[0]
-                grads = grads[1:]
-            for acc, g in zip(grad_p, grads):
-                acc += g.float()
-        ctx.shape = hidden.shape
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.mask = [p.requires_grad for p in params]
-        ctx.save_for_backward(*([grad_h] if grad_h is not None else []), *grad_p)
-        ctx.has_h = grad_h is not None
-        return total.float()
+
+        def chunk_loss(h, s):
+            return nn.functional.cross_entropy(fn(h).float(), targets[s : s + len(h)], ignore_index=IGNORE,
+                                               reduction="sum")
+
+        return chunked_forward(ctx, hidden, params, chunk, chunk_loss)
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        grad_h = (next(saved) * grad_out).reshape(ctx.shape) if ctx.has_h else None
-        params = [(next(saved) * grad_out).to(dt) if need else None for need, dt in zip(ctx.mask, ctx.dtypes)]
-        return (grad_h, None, None, None, *params)
+        return chunked_backward(ctx, grad_out, 3)
 
 
 def chunked_lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
