@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole benchmarks, end to end
+
 
 def _run_script(path: str, argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [path, *argv])

@@ -58,6 +58,7 @@ def _spawn(tmp_path, windows: int, world: int = 2, shard: bool = False, checkpoi
 
 @pytest.mark.parametrize("shard,checkpoint", [(False, False), (True, False), (True, True)],
                          ids=["replicated", "shard", "shard+checkpoint"])
+@pytest.mark.slow  # multi-process
 def test_two_processes_give_the_scores_and_removals_of_one(tmp_path, shard, checkpoint):
     """--shard: the decoder layers are FSDP2 units holding half the rows each; the gathered scores are still
     those of one process."""
@@ -73,6 +74,7 @@ def test_two_processes_give_the_scores_and_removals_of_one(tmp_path, shard, chec
         assert all(np.array_equal(a, b) for a, b in zip(results[0][kind], results[1][kind]))
 
 
+@pytest.mark.slow  # multi-process
 def test_more_processes_than_windows_is_refused(tmp_path):
     results = _spawn(tmp_path, 1)
     assert all("2 processes but only 1 calibration windows" in r["error"] for r in results)
@@ -82,6 +84,7 @@ COMMON = ["--sparsity", "0.3", "--steps", "2", "--calib-samples", "6", "--seq-le
           "--eval-windows", "2", "--protect", "none"]
 
 
+@pytest.mark.slow  # multi-process
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard"])
 def test_cli_nproc_2_compiles_what_one_process_compiles(tiny_folder, tmp_path, monkeypatch, shard):
     """`gisp-fx compile --nproc 2 [--shard]` launches torchrun (gloo); rank 0 alone writes, and the run removes
@@ -117,6 +120,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # multi-process
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_terminating_the_launcher_stops_every_process_it_started(tmp_path):
     """SIGTERM to a `--nproc` launcher takes torchrun's whole session with it (here a stand-in: a shell with a
@@ -143,6 +147,7 @@ def test_terminating_the_launcher_stops_every_process_it_started(tmp_path):
     assert not any(_alive(p) for p in started)
 
 
+@pytest.mark.slow  # multi-process
 def test_a_rank_that_dies_while_scoring_is_one_error_and_no_output(tiny_folder, tmp_path, monkeypatch, capsys):
     """Rank 1 exits in the middle of scoring (a sitecustomize on its PYTHONPATH replaces the gradient loop with
     os._exit): torchrun stops rank 0, the launcher reports one GispError naming --nproc, and neither OUTPUT nor
@@ -218,6 +223,7 @@ def test_checkpoint_auto_follows_the_estimate_against_the_budget():
 
 
 
+@pytest.mark.slow  # multi-process
 def test_an_interrupted_launcher_leaves_no_partial_output(tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) while the workers run: the interruption goes on, and the OUTPUT.partial that rank 0 had
     begun is removed (a run of many processes is never resumed); a partial folder from before is left alone."""

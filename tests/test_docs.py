@@ -164,6 +164,7 @@ def _gen_cli():
     return module
 
 
+@pytest.mark.slow  # one subprocess per command
 def test_cli_reference_equals_help():
     gen = _gen_cli()
     expected = gen.render()

@@ -58,6 +58,7 @@ def _pg(tmp_path, name="pg", **kw):
     return compile_model(cfg, calibration=calib, loaded=_loaded(), progress=False)
 
 
+@pytest.mark.slow  # pg compiles
 def test_pg_end_to_end_forward_only_and_seeded(tmp_path):
     loaded = _loaded()
     touched = []
@@ -84,6 +85,7 @@ def test_pg_end_to_end_forward_only_and_seeded(tmp_path):
     assert 0.2 <= sparsity < 0.2 + 0.072
 
 
+@pytest.mark.slow  # pg compiles
 def test_pg_pruned_equals_masked(tmp_path):
     from test_rewrite import mask_
 
@@ -111,6 +113,7 @@ def test_pg_bad_input(tiny_folder, tmp_path, capsys, flags, message):
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
 
+@pytest.mark.slow  # pg compiles
 def test_zero_iterations_select_by_the_initialisation(tmp_path):
     """--pg-iters 0 is the control for what the iterations add: it prunes by the initial (Wanda-sp sigmap)
     probabilities projected onto the budget, which is what iterations with a vanishing learning rate keep."""

@@ -15,6 +15,7 @@ import scaling  # noqa: E402
 import scaling_report  # noqa: E402
 
 
+@pytest.mark.slow  # a compile in a subprocess
 def test_runner_records_a_tiny_compile(tiny_folder, tmp_path):
     run = scaling.Run(tiny_folder("llama-gqa"), calib_samples=8, steps=2, eval_windows=2)
     row = scaling.run_one(run, 8 * 1024, tmp_path / "run.log", out_root=tmp_path)
@@ -29,6 +30,7 @@ def test_runner_records_a_tiny_compile(tiny_folder, tmp_path):
     assert row["shape"]["num_hidden_layers"] >= 1 and row["budget"]["calib_samples"] == 8
 
 
+@pytest.mark.slow  # a compile in a subprocess
 def test_runner_stops_a_run_over_its_memory_budget(tiny_folder, tmp_path):
     run = scaling.Run(tiny_folder("llama-gqa"), calib_samples=8, steps=2, eval_windows=2)
     row = scaling.run_one(run, 50, tmp_path / "run.log", out_root=tmp_path)  # 50 MB: passed while importing
