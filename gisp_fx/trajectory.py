@@ -122,7 +122,8 @@ class Trajectory:
 def inconsistency(traj: Trajectory) -> str | None:
     """The first way the steps contradict the plan or themselves, or None: steps numbered 1, 2, ... in order,
     every removal a group of the original plan (layer and index in range), no group removed twice, and each
-    step's recorded sparsity and decoder parameters those its removals give."""
+    step's recorded sparsity and decoder parameters those its removals give (with the biases a repair at
+    each step added)."""
     plan, freed, seen = traj.plan, 0, {}
     counter = FreedParams(plan)
     for position, step in enumerate(traj.steps, 1):
@@ -140,8 +141,11 @@ def inconsistency(traj: Trajectory) -> str | None:
                 return f"step {step.step}: {group} is listed twice (first at step {seen[layer, kind, index]})"
             seen[layer, kind, index] = step.step
             freed += counter.remove(GroupRef(layer, Kind(kind), index))
-        sparsity = freed / plan.decoder_params
-        if abs(step.sparsity - sparsity) > 1e-6 or step.decoder_params != plan.decoder_params - freed:
+        # a repair at every step may give consumers a bias the dense model lacked: those parameters count
+        added = sum(int(r.get("bias_params_added", 0)) for r in traj.repair
+                    if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step.step)
+        sparsity = (freed - added) / plan.decoder_params
+        if abs(step.sparsity - sparsity) > 1e-6 or step.decoder_params != plan.decoder_params - freed + added:
             return (f"step {step.step}: recorded sparsity {step.sparsity:.6f} ({step.decoder_params:,} decoder "
                     f"parameters) does not match its removals, which give {sparsity:.6f} "
                     f"({plan.decoder_params - freed:,})")
