@@ -33,6 +33,15 @@ def dense_ppl(model: str, windows: int | None, bos: str) -> float:
     return wikitext2_perplexity(loaded.model, loaded.tokenizer, 128, windows, bos=bos, desc="dense ppl").ppl
 
 
+def dense_tasks(model: str, tasks: str, limit: int, bos: str) -> dict:
+    """The dense model's accuracy on `tasks` (the same questions the recoveries are evaluated on)."""
+    from gisp_fx.tasks import evaluate
+
+    loaded = load_model(model)
+    return {r.task: {"metric": r.metric, "value": r.value, "n": r.n}
+            for r in evaluate(loaded.model, loaded.tokenizer, tasks.split(","), limit, bos=bos)}
+
+
 def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> dict:
     tag = f"{run.name}-kd-{tokens}" + (f"-lora{args.lora_rank}" if args.lora_rank else "") + (
         f"-{args.train}" if args.train != "all" else "")
@@ -40,7 +49,9 @@ def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> di
     cmd = [sys.executable, "-m", "gisp_fx", "recover", str(run), "--output", str(out), "--tokens", str(tokens),
            "--lr", str(args.lr), "--batch-tokens", str(args.batch_tokens), "--seq-len", str(args.seq_len),
            "--train", args.train, "--lora-rank", str(args.lora_rank), "--data", args.data, "--bos", args.bos,
-           "--eval-windows", str(args.eval_windows), "--dtype", args.dtype, "--overwrite"]
+           "--micro-tokens", str(args.micro_tokens), "--eval-windows", str(args.eval_windows), "--dtype", args.dtype,
+           "--overwrite"] + (["--no-checkpointing"] if args.no_checkpointing else []) + (
+        ["--tasks", args.tasks, "--task-limit", str(args.task_limit)] if args.tasks else [])
     print("$ gisp-fx", " ".join(cmd[3:]), flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -50,12 +61,17 @@ def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> di
     student_mb = compiled["params"]["after"] * 4 / 2**20
     teacher_mb = compiled["params"]["before"] * 4 / 2**20
     p = report["perplexity"]
+    tasks = report.get("tasks") or {}
+    task_avg = {k: (sum(t["value"] for t in tasks[k].values()) / len(tasks[k]) if tasks.get(k) else None)
+                for k in ("before", "after")}
     return {"cell": tag, "run": str(run), "method": compiled.get("method"),
             "sparsity": compiled["sparsity"]["measured"],
             "repair": compiled.get("repair", {}).get("mode", "none"), "tokens": report["tokens"],
             "steps": report["steps"], "lr": args.lr, "batch_tokens": args.batch_tokens, "train": args.train,
             "lora_rank": args.lora_rank, "data": args.data, "dtype": args.dtype,
             "ppl_before": p["before"], "ppl_after": p["after"], "ppl_windows": p["windows"],
+            "tasks": tasks or None, "task_avg_before": task_avg["before"], "task_avg_after": task_avg["after"],
+            "task_limit": args.task_limit if args.tasks else None,
             "tokens_per_s": report["tokens_per_s"], "train_wall_s": report["train_wall_s"], "wall_s": wall,
             "peak_rss_mb": report["peak_rss_mb"], "rss_bound_mb": 4 * student_mb + teacher_mb,
             "first_loss": report["losses"][0], "last_loss": report["losses"][-1], "output": str(out),
@@ -68,19 +84,38 @@ def write(doc: dict, folder: Path) -> None:
     dense = doc["dense_ppl"]
     lines = [f"# Recovery by distillation (WikiText-2 perplexity on {doc['eval_windows']} test windows of 128 tokens)",
              "", f"Dense {doc['model']}: {dense:.2f} ({doc.get('dense_source', 'measured')}). WikiText-2 train is "
-             "in-domain for WikiText-2 test: perplexity alone overstates recovery.", "",
-             "| run | repair | tokens | train | before | after | after / dense | tokens/s | train wall | wall | "
-             "peak RSS | RSS bound |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "in-domain for WikiText-2 test: perplexity alone overstates recovery.", ""] + _dense_tasks_line(doc) + [
+             "",
+             "| run | repair | tokens | train | before | after | after / dense | task avg before → after | tokens/s | "
+             "train wall | wall | peak RSS | RSS bound |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for c in sorted(doc["cells"], key=lambda c: (c["run"], c["tokens"])):
         train = c["train"] + (f", LoRA {c['lora_rank']}" if c["lora_rank"] else "")
         lines.append(f"| {Path(c['run']).name} ({c['method']} {100 * c['sparsity']:.0f} %) | {c['repair']} | "
                      f"{c['tokens']:,} | {train} | {c['ppl_before']:.2f} | {c['ppl_after']:.2f} | "
-                     f"{c['ppl_after'] / dense:.2f}x | {c['tokens_per_s']:.0f} | {c['train_wall_s'] / 60:.1f} min | "
+                     f"{c['ppl_after'] / dense:.2f}x | {_tasks(c)} | {c['tokens_per_s']:.0f} | {c['train_wall_s'] / 60:.1f} min | "
                      f"{c['wall_s'] / 60:.1f} min | {c['peak_rss_mb']:,.0f} MiB | {c['rss_bound_mb']:,.0f} MiB |")
     lines += ["", "Commands:", "", "```"] + [c["command"] for c in doc["cells"]] + ["```", "",
                                                                                       "![perplexity](recovery.png)", ""]
     (folder / "recovery.md").write_text("\n".join(lines))
     plot(doc, folder / "recovery.png")
+
+
+def _dense_tasks_line(doc: dict) -> list[str]:
+    if not doc.get("dense_tasks"):
+        return []
+    t = doc["dense_tasks"]
+    avg = 100 * sum(v["value"] for v in t.values()) / len(t)
+    each = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in t.items())
+    return [f"Dense task average {avg:.1f} ({each}; ≤ {doc['task_limit']} questions each)."]
+
+
+def _tasks(cell: dict) -> str:
+    """The mean accuracy over the evaluated tasks before and after, in points, with the questions per task."""
+    if cell.get("task_avg_before") is None:
+        return "not evaluated"
+    n = len(cell["tasks"]["before"])
+    return (f"{100 * cell['task_avg_before']:.1f} → {100 * cell['task_avg_after']:.1f} ({n} tasks, "
+            f"≤ {cell['task_limit']} q each)")
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -118,6 +153,10 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--micro-tokens", type=int, default=512)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--tasks", default=None, help="also evaluate these tasks before and after (comma list)")
+    ap.add_argument("--task-limit", type=int, default=100, help="questions per task with --tasks (default 100)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--train", default="all")
     ap.add_argument("--lora-rank", type=int, default=0)
@@ -144,6 +183,11 @@ def main() -> None:
     if doc["dense_ppl"] is None:
         doc["dense_ppl"], doc["dense_source"] = dense_ppl(model, args.eval_windows, args.bos), "measured"
         print(f"dense {model}: perplexity {doc['dense_ppl']:.2f} on {args.eval_windows} windows", flush=True)
+    if args.tasks and (doc.get("dense_tasks") is None or sorted(doc["dense_tasks"]) != sorted(args.tasks.split(","))
+                       or doc.get("task_limit") != args.task_limit):
+        doc["dense_tasks"], doc["task_limit"] = dense_tasks(model, args.tasks, args.task_limit, args.bos), args.task_limit
+        avg = sum(t["value"] for t in doc["dense_tasks"].values()) / len(doc["dense_tasks"])
+        print(f"dense {model}: task average {100 * avg:.1f} on {args.tasks}", flush=True)
     for tokens in (int(b) for b in args.budgets.split(",")):
         cell = run_cell(run, tokens, Path(args.work), args)
         doc["cells"] = [c for c in doc["cells"] if c["cell"] != cell["cell"]] + [cell]

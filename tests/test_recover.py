@@ -270,12 +270,18 @@ def test_recovery_benchmark_on_a_tiny_run(run, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the recoveries run in subprocesses
     monkeypatch.setattr(sys, "argv", ["benchmarks/recovery.py", "--run", run_dir, "--budgets", "32,64", "--work",
                                       str(tmp_path / "work"), "--output", str(out), "--eval-windows", "2",
-                                      "--seq-len", str(SEQ), "--batch-tokens", str(SEQ), "--data", data])
+                                      "--seq-len", str(SEQ), "--batch-tokens", str(SEQ), "--data", data,
+                                      "--tasks", "arc_easy,piqa", "--task-limit", "3"])
     runpy.run_path("benchmarks/recovery.py", run_name="__main__")
     doc = json.loads((out / "recovery.json").read_text())
     assert [c["tokens"] for c in doc["cells"]] == [32, 64] and doc["dense_ppl"] > 0
     assert all(c["ppl_after"] > 0 and c["peak_rss_mb"] > 0 for c in doc["cells"])
-    assert (out / "recovery.png").is_file() and "| run |" in (out / "recovery.md").read_text()
+    # the dense model and every cell are evaluated on the same questions of the same tasks
+    assert sorted(doc["dense_tasks"]) == ["arc_easy", "piqa"] and all(t["n"] == 3 for t in doc["dense_tasks"].values())
+    for c in doc["cells"]:
+        assert sorted(c["tasks"]["after"]) == ["arc_easy", "piqa"] and 0 <= c["task_avg_after"] <= 1
+    md = (out / "recovery.md").read_text()
+    assert (out / "recovery.png").is_file() and "| run |" in md and "Dense task average" in md
 
 
 def test_bfloat16_autocast_keeps_fp32_master_weights():
