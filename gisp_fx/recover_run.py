@@ -22,7 +22,7 @@ from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.loading import LoadedModel, load_model
-from gisp_fx.memory import lean_heap_, peak_rss_mb
+from gisp_fx.memory import peak_rss_mb
 from gisp_fx.passes.recover import Recovery, RecoverConfig, RecoverResult, recover_
 from gisp_fx.recover_report import write_recover_report
 from gisp_fx.save import check_output_folder, save_pruned
@@ -169,7 +169,9 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
     run_path, out = Path(run_dir), Path(output)
     partial = _prepare(run_path, out, resume, overwrite)
     dev, teacher_dtype = resolve(device, config.precision)
-    lean_heap_()
+    # glibc's default heap, not memory.lean_heap_: a training step frees and re-takes the same large blocks, and
+    # mapping them afresh every time cost a third of the CPU in page faults (SmolLM2 50 %, 10,240 tokens: 97.5
+    # tokens/s with it, 151.9 without, peak RSS 2,782 against 2,949 MiB)
     traj = Trajectory.load(run_path / TRAJECTORY_DIR)
     student = load_model(str(run_path), dtype=torch.float32, device=str(dev))  # fp32 master weights
     dense = load_teacher(run_path, traj, teacher, dev, teacher_dtype)
