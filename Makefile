@@ -62,14 +62,17 @@ TF457_TESTS := tests/test_cross_line.py tests/test_optimum.py tests/test_loading
 	tests/test_errors.py
 test: test-tf5 test-tf457
 
+# one pytest-xdist worker per core; a module's tests stay on one worker (their module-scoped fixtures are built once)
+PARALLEL ?= -n auto --dist loadscope --durations=15
+
 test-tf5: $(STAMP) $(LLAMA_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 test-tf457: $(STAMP457)
-	$(BIN457)/python -m pytest -q -m "not slow" $(TF457_TESTS)
+	$(BIN457)/python -m pytest -q $(PARALLEL) -m "not slow" $(TF457_TESTS)
 
 test-fast: $(STAMP) $(LLAMA_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 compile: $(STAMP)
 	$(BIN)/gisp-fx compile smollm2 --sparsity 0.5 --output $(RUN) --overwrite
