@@ -133,5 +133,32 @@ def test_analyse_leaves_no_traced_graph_alive():
 
     model = tiny_model("llama-gqa")
     before = nodes()
-    plan = analyse(model)
+    plan = analyse(model, cache=False)
     assert plan.layers and nodes() == before
+
+
+def test_a_structure_analysed_before_reuses_its_plan_and_anything_else_captures():
+    """The plan of a structure analysed before in the process is reused (another model object, other weights);
+    other shapes, a replaced forward, hooks or cache=False capture afresh."""
+    from gisp_fx.passes import analyse as module
+
+    calls = []
+    real = module.capture
+    module.capture = lambda model: calls.append(1) or real(model)
+    try:
+        first = analyse(tiny_model("llama-gqa", seed=11, num_hidden_layers=2))
+        again = analyse(tiny_model("llama-gqa", seed=12, num_hidden_layers=2))  # other weights, same structure
+        assert again is first and len(calls) == 1
+        assert analyse(tiny_model("llama-gqa", seed=12, num_hidden_layers=2), cache=False) == first
+        assert len(calls) == 2
+        wider = analyse(tiny_model("llama-gqa", num_hidden_layers=2, intermediate_size=40))
+        assert len(calls) == 3 and wider.layers[0].mlp.channels == 40
+        hooked = tiny_model("llama-gqa", seed=12, num_hidden_layers=2)
+        hooked.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o * 2)
+        analyse(hooked)
+        patched = tiny_model("llama-gqa", seed=12, num_hidden_layers=2)
+        patched.model.layers[0].mlp.forward = patched.model.layers[0].mlp.forward
+        analyse(patched)
+        assert len(calls) == 5
+    finally:
+        module.capture = real
