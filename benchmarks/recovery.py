@@ -33,6 +33,12 @@ def dense_ppl(model: str, windows: int | None, bos: str) -> float:
     return wikitext2_perplexity(loaded.model, loaded.tokenizer, 128, windows, bos=bos, desc="dense ppl").ppl
 
 
+def _average(results: dict) -> float:
+    """The mean accuracy over the tasks evaluated (the 'cmqa' entry, their own average, left out)."""
+    values = [t["value"] for name, t in results.items() if name != "cmqa"]
+    return sum(values) / len(values)
+
+
 def dense_tasks(model: str, tasks: str, limit: int, bos: str) -> dict:
     """The dense model's accuracy on `tasks` (the same questions the recoveries are evaluated on)."""
     from gisp_fx.tasks import evaluate
@@ -62,8 +68,7 @@ def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> di
     teacher_mb = compiled["params"]["before"] * 4 / 2**20
     p = report["perplexity"]
     tasks = report.get("tasks") or {}
-    task_avg = {k: (sum(t["value"] for t in tasks[k].values()) / len(tasks[k]) if tasks.get(k) else None)
-                for k in ("before", "after")}
+    task_avg = {k: _average(tasks[k]) if tasks.get(k) else None for k in ("before", "after")}
     return {"cell": tag, "run": str(run), "method": compiled.get("method"),
             "sparsity": compiled["sparsity"]["measured"],
             "repair": compiled.get("repair", {}).get("mode", "none"), "tokens": report["tokens"],
@@ -103,8 +108,8 @@ def write(doc: dict, folder: Path) -> None:
 def _dense_tasks_line(doc: dict) -> list[str]:
     if not doc.get("dense_tasks"):
         return []
-    t = doc["dense_tasks"]
-    avg = 100 * sum(v["value"] for v in t.values()) / len(t)
+    t = {k: v for k, v in doc["dense_tasks"].items() if k != "cmqa"}
+    avg = 100 * _average(t)
     each = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in t.items())
     return [f"Dense task average {avg:.1f} ({each}; ≤ {doc['task_limit']} questions each)."]
 
@@ -113,7 +118,7 @@ def _tasks(cell: dict) -> str:
     """The mean accuracy over the evaluated tasks before and after, in points, with the questions per task."""
     if cell.get("task_avg_before") is None:
         return "not evaluated"
-    n = len(cell["tasks"]["before"])
+    n = len([t for t in cell["tasks"]["before"] if t != "cmqa"])
     return (f"{100 * cell['task_avg_before']:.1f} → {100 * cell['task_avg_after']:.1f} ({n} tasks, "
             f"≤ {cell['task_limit']} q each)")
 
@@ -186,7 +191,7 @@ def main() -> None:
     if args.tasks and (doc.get("dense_tasks") is None or sorted(doc["dense_tasks"]) != sorted(args.tasks.split(","))
                        or doc.get("task_limit") != args.task_limit):
         doc["dense_tasks"], doc["task_limit"] = dense_tasks(model, args.tasks, args.task_limit, args.bos), args.task_limit
-        avg = sum(t["value"] for t in doc["dense_tasks"].values()) / len(doc["dense_tasks"])
+        avg = _average(doc["dense_tasks"])
         print(f"dense {model}: task average {100 * avg:.1f} on {args.tasks}", flush=True)
     for tokens in (int(b) for b in args.budgets.split(",")):
         cell = run_cell(run, tokens, Path(args.work), args)
