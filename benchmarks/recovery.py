@@ -41,11 +41,10 @@ def _average(results: dict) -> float:
 
 def dense_tasks(model: str, tasks: str, limit: int, bos: str) -> dict:
     """The dense model's accuracy on `tasks` (the same questions the recoveries are evaluated on)."""
-    from gisp_fx.tasks import evaluate
+    from gisp_fx.tasks import evaluate, headlines
 
     loaded = load_model(model)
-    return {r.task: {"metric": r.metric, "value": r.value, "n": r.n}
-            for r in evaluate(loaded.model, loaded.tokenizer, tasks.split(","), limit, bos=bos)}
+    return headlines(evaluate(loaded.model, loaded.tokenizer, tasks.split(","), limit, bos=bos))
 
 
 def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> dict:
@@ -108,9 +107,8 @@ def write(doc: dict, folder: Path) -> None:
 def _dense_tasks_line(doc: dict) -> list[str]:
     if not doc.get("dense_tasks"):
         return []
-    t = {k: v for k, v in doc["dense_tasks"].items() if k != "cmqa"}
-    avg = 100 * _average(t)
-    each = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in t.items())
+    each = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in doc["dense_tasks"].items() if k != "cmqa")
+    avg = 100 * _average(doc["dense_tasks"])
     return [f"Dense task average {avg:.1f} ({each}; ≤ {doc['task_limit']} questions each)."]
 
 

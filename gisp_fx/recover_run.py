@@ -26,7 +26,7 @@ from gisp_fx.memory import peak_rss_mb
 from gisp_fx.passes.recover import Recovery, RecoverConfig, RecoverResult, recover_
 from gisp_fx.recover_report import write_recover_report
 from gisp_fx.save import check_output_folder, save_pruned
-from gisp_fx.tasks import evaluate
+from gisp_fx.tasks import evaluate, headlines
 from gisp_fx.trajectory import Trajectory
 
 TRAJECTORY_DIR = "trajectory"  # as the compile writes it
@@ -150,8 +150,7 @@ def _evaluate(model, tokenizer, eval_windows, bos, tasks, task_limit, desc) -> d
     ppl = wikitext2_perplexity(model, tokenizer, EVAL_SEQ_LEN, eval_windows, desc=desc, bos=bos)
     out = {"ppl": ppl.ppl, "windows": ppl.subset, "seq_len": ppl.seq_len, "bos": ppl.bos}
     if tasks:
-        out["tasks"] = {r.task: {"metric": r.metric, "value": r.value, "n": r.n}
-                        for r in evaluate(model, tokenizer, list(tasks), task_limit, bos=bos)}
+        out["tasks"] = headlines(evaluate(model, tokenizer, list(tasks), task_limit, bos=bos))
     return out
 
 

@@ -42,6 +42,11 @@ class TaskResult:
     extra: dict
 
 
+def headlines(results: list[TaskResult]) -> dict[str, dict]:
+    """Task -> its headline metric, value and question count (what reports store)."""
+    return {r.task: {"metric": r.metric, "value": r.value, "n": r.n} for r in results}
+
+
 def check_tasks(tasks: list[str]) -> list[str]:
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:

@@ -66,8 +66,9 @@ def test_two_concurrent_compiles_one_wins(folder, tmp_path):
 @pytest.mark.slow  # a compile interrupted and resumed in processes
 def test_ctrl_c_during_compile_then_resume(folder, tmp_path):
     out = tmp_path / "run"
-    # six steps: after the first step's trajectory appears, five more keep the run busy while SIGINT arrives
-    argv = ["compile", str(folder), *COMPILE[:-1], "6", "--output", str(out)]
+    # six steps (a later --steps wins): after the first step's trajectory appears, five more keep the run busy while
+    # SIGINT arrives
+    argv = ["compile", str(folder), *COMPILE, "--steps", "6", "--output", str(out)]
     proc = _gisp(*argv)
     _wait_for(lambda: (tmp_path / "run.partial" / "trajectory" / "trajectory.json").is_file(), proc)
     proc.send_signal(signal.SIGINT)
