@@ -91,17 +91,23 @@ def as_calibration(calibration) -> Calibration:
 
 
 def build_calibration(config: CompileConfig, tokenizer) -> Calibration:
-    """The calibration a compile's settings name: the margin questions of --tasks, or windows of --calib's text
-    file (default the bundled WikiText-2 train split)."""
+    """The calibration a compile's settings name: the margin questions of --tasks, or windows of --calib's text: a
+    file, or a bundled text by name (wikitext2, the default; gsm8k: its train split, question + worked answer)."""
     if config.objective == "margin":
         return mc_sequences(tokenizer, config.tasks, config.calib_samples, seq_len=config.seq_len, seed=config.seed,
                             bos=config.bos, batch_size=config.batch_size)
     if not config.calib:
         return lm_windows(tokenizer, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
                           bos=config.bos, batch_size=config.batch_size)
+    named = datasets.named_text(config.calib)
+    if named is not None:
+        text, source = named
+        return lm_windows(tokenizer, text, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
+                          bos=config.bos, batch_size=config.batch_size, source=source)
     path = Path(config.calib)
     if not path.is_file():
-        raise GispError(f"--calib: no such file '{path}'")
+        raise GispError(f"--calib: no such file '{path}'; give a UTF-8 text file or a bundled text "
+                        f"({', '.join(datasets.TEXT_SOURCES)})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -158,8 +158,9 @@ def add_compile_commands(sub) -> None:
                         "uniform per layer), magnitude (global L2), taylor-local (|w*g|, uniform per layer), random")
     p.add_argument("--objective", default=Objective.PPL.value, choices=OBJECTIVES)
     p.add_argument("--tasks", help="margin objective only: comma-separated tasks, e.g. arc_easy,arc_challenge")
-    p.add_argument("--calib", help="plain-text UTF-8 calibration file (ppl objective only); default: bundled "
-                                   "WikiText-2 train")
+    p.add_argument("--calib", help="calibration text (ppl objective only): wikitext2 (default: the bundled WikiText-2 "
+                                   "train), gsm8k (GSM8K train, question + worked answer: task-aligned for GSM8K), "
+                                   "or a plain-text UTF-8 file")
     p.add_argument("--calib-samples", type=int,
                    help="calibration sequences (default 64; not for magnitude/random)")
     p.add_argument("--seq-len", type=int,

@@ -42,7 +42,8 @@ def add_recover_command(sub) -> None:
                    help="tokens per forward/backward; gradients accumulate to --batch-tokens (default 512)")
     p.add_argument("--seq-len", type=int, default=128, help="training window length in tokens (default 128)")
     p.add_argument("--data", default="wikitext2",
-                   help="wikitext2 (bundled WikiText-2 train, default), or a .txt / .jsonl ({\"text\": ...}) file")
+                   help="wikitext2 (bundled WikiText-2 train, default), gsm8k (bundled GSM8K train), or a .txt / "
+                        ".jsonl ({\"text\": ...}) file")
     p.add_argument("--bos", default="auto", choices=BOS_MODES, help="windows start with BOS: auto | always | never")
     p.add_argument("--train", default="all", choices=["norms", "linears", "all"],
                    help="what trains: norms, linears or all of the decoder (default); embeddings/head stay frozen")

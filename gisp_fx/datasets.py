@@ -50,6 +50,41 @@ def wikitext2_train_text() -> str:
     return text[: text.rstrip("\n").rfind("\n") + 1]
 
 
+def gsm8k_rows(split: str) -> list[dict]:
+    """The bundled GSM8K rows of `split` (train | test): id, question, answer (worked, ending in '#### N'),
+    final_answer."""
+    if split not in ("train", "test"):
+        raise GispError(f"gsm8k: split must be train or test, got '{split}'")
+    with data_file(f"gsm8k/{split}.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def gsm8k_example(row: dict) -> str:
+    """One GSM8K row as lm-evaluation-harness's gsm8k prompt writes a solved example."""
+    return f"Question: {row['question']}\nAnswer: {row['answer']}"
+
+
+def gsm8k_train_text() -> str:
+    """GSM8K's train split as one text: every question with its worked answer, separated by blank lines (the test
+    split, which is evaluated, is never part of it)."""
+    return "\n\n".join(gsm8k_example(row) for row in gsm8k_rows("train"))
+
+
+# bundled texts a calibration (--calib) or a recovery (--data) can name instead of a file: name -> (loader, what)
+TEXT_SOURCES = {
+    "wikitext2": (wikitext2_train_text, "WikiText-2 train (bundled 1 MB prefix; the test split is evaluated)"),
+    "gsm8k": (gsm8k_train_text, "GSM8K train, question + worked answer (bundled, 7,473 problems; the test split is evaluated)"),
+}
+
+
+def named_text(name: str) -> tuple[str, str] | None:
+    """(text, description) of a bundled text source, or None when `name` names none."""
+    if name not in TEXT_SOURCES:
+        return None
+    loader, what = TEXT_SOURCES[name]
+    return loader(), what
+
+
 BOS_MODES = ("auto", "always", "never")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from gisp_fx.calibration import build_calibration
 from gisp_fx.config import CompileConfig, Method
+from gisp_fx.datasets import TEXT_SOURCES
 from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.fingerprint import require_same_weights
@@ -126,7 +127,7 @@ def materialize_repair(traj, override: str | None, calib: str | None):
         return settings, None
     config = replace(config, repair=settings.mode, calib=calib or config.calib)
     config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from
-    if config.calib and not Path(config.calib).is_file():
+    if config.calib and config.calib not in TEXT_SOURCES and not Path(config.calib).is_file():
         raise GispError(f"materialize: --repair {settings.mode} needs the run's calibration data, and its "
                         f"calibration file '{config.calib}' is not there; pass --calib FILE (the same text), or "
                         "--repair none")

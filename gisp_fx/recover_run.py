@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gisp_fx.datasets import token_windows, wikitext2_test_text, wikitext2_train_text, window_bos
+from gisp_fx.datasets import TEXT_SOURCES, named_text, token_windows, wikitext2_test_text, window_bos
 from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity
@@ -45,13 +45,15 @@ class RecoverRun:
 
 
 def recovery_text(data: str) -> tuple[str, str]:
-    """`--data` -> (text, description for the report): wikitext2 (the bundled 1 MB of WikiText-2 train), a .txt
-    file, or a .jsonl file of objects with a "text" field."""
-    if data == "wikitext2":
-        return wikitext2_train_text(), "WikiText-2 train (bundled 1 MB prefix; the test split is evaluated)"
+    """`--data` -> (text, description for the report): a bundled text (wikitext2: the 1 MB of WikiText-2 train;
+    gsm8k: GSM8K train), a .txt file, or a .jsonl file of objects with a "text" field."""
+    named = named_text(data)
+    if named is not None:
+        return named
     path = Path(data)
     if not path.is_file():
-        raise GispError(f"--data '{data}': not 'wikitext2' and no such file; give wikitext2, a .txt or a .jsonl file")
+        raise GispError(f"--data '{data}': not a bundled text ({', '.join(TEXT_SOURCES)}) and no such file; give "
+                        "one of those, a .txt or a .jsonl file")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

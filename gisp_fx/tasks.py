@@ -3,7 +3,8 @@
 Multiple choice: every option's continuation is scored by the sum of its token log-probabilities given the
 context; `acc` takes the argmax, `acc_norm` the argmax of that sum divided by the choice's length in characters,
 without the space before it (lm-eval's length normalisation). Prompts are lm-eval's (see datasets.MC_TASKS).
-GSM8K: greedy generation after lm-eval's 5-shot prompt, exact match of the final number.
+GSM8K: greedy generation after lm-eval's 5-shot prompt (the shots from the train split), exact match of the final
+number.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from gisp_fx.datasets import MC_TASKS, McItem, data_file
+from gisp_fx.datasets import MC_TASKS, McItem, data_file, gsm8k_example, gsm8k_rows
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import check_eval_settings
 from gisp_fx.exporters.ort import OrtCausalLM
@@ -146,7 +147,7 @@ LAST_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 def gsm8k_prompt(shots: list[dict], question: str) -> str:
     """lm-eval's gsm8k format: 'Question: ...\\nAnswer: ...' shots separated by blank lines."""
-    parts = [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]
+    parts = [gsm8k_example(s) for s in shots]
     return "\n\n".join(parts + [f"Question: {question}\nAnswer:"])
 
 
@@ -167,12 +168,18 @@ def _clean(s: str) -> str:
     return s
 
 
+def gsm8k_shots() -> list[dict]:
+    """The prompt's solved examples: GSM8K_SHOTS train rows drawn with seed 1234 (lm-eval's gsm8k draws its shots
+    from train, `fewshot_split: train`; here the same shots serve every question)."""
+    train = gsm8k_rows("train")
+    return [train[i] for i in random.Random(1234).sample(range(len(train)), GSM8K_SHOTS)]
+
+
 def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0, max_new_tokens: int = 256,
                       progress: bool = True) -> TaskResult:
-    rows = [json.loads(line) for line in data_file("gsm8k/test.jsonl").open(encoding="utf-8")]
+    rows = gsm8k_rows("test")
     pick = subset(len(rows), limit, seed)
-    shots = [rows[i] for i in random.Random(1234).sample([i for i in range(len(rows)) if i not in set(pick)],
-                                                        GSM8K_SHOTS)]
+    shots = gsm8k_shots()
     device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
     hits = 0
     model.eval()
