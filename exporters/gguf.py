@@ -37,10 +37,15 @@ from gisp_fx.exporters.gguf_vocab import Vocab, from_gguf, from_hf
 FAMILIES = ("llama", "mistral", "qwen2")  # model_type values whose computation deci's graph reproduces exactly
 QUANTIZE = ("f32", "f16", "q8_0", "q4_k_m")
 LLAMA_FTYPE = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's llama_ftype values (LLAMA_FTYPE_MOSTLY_*)
-# llama.cpp quantises a tensor row by row in blocks of 32 (q8_0, q5_0) or 256 (k-quants) along its input width, and
-# falls back to f16 where the width is no multiple of 32: a pruned ffn_down (input width = the layer's channels, e.g.
-# 593) would stay f16 in a q4_k_m file, larger and slower than the dense model's. Quantised exports therefore round
-# every MLP width up to a multiple of 32 with zero channels (exact; at most 31 per layer; `gisp.zero_channels`).
+# Every MLP width is rounded up to a multiple of 32 with zero channels (exact: silu(0) * 0 adds nothing; at most 31
+# per layer; `gisp.zero_channels`) in the f16 and quantised files (f32, the parity format, keeps the widths as pruned):
+# - llama.cpp quantises a tensor row by row in blocks of 32 (q8_0, q5_0) or 256 (k-quants) along its input width, and
+#   falls back to f16 where the width is no multiple of 32: a pruned ffn_down (input width = the layer's channels,
+#   e.g. 593) would stay f16 in a q4_k_m file, larger and slower than the dense model's;
+# - its CPU matmul for prompts (llamafile's sgemm) takes f16/f32 weights only at aligned inner widths and otherwise
+#   runs the generic dot-product loop: the 20 % SmolLM2 f16 file prefilled at 0.91x of the dense f16 file with its
+#   widths as pruned (1,534, 1,250, ...) and at 1.26x / 1.14x (128 / 512 tokens) rounded to 32, same run, 2 threads.
+# Rounding further, to 256 (k-quant blocks in ffn_down), changed no q4_k_m row beyond the noise of that run.
 QUANT_BLOCK = 32
 ARCH = "deci"
 WHY_NOT = {  # what llama.cpp's deci graph lacks for the families gisp-fx prunes but this writer refuses
@@ -68,7 +73,7 @@ class GgufLayer:
     zero_query_heads: int = 0
     stub_attention: bool = False
     stub_mlp: bool = False
-    zero_channels: int = 0  # MLP channels of zeros that round `ff` up for the quantiser (QUANT_BLOCK)
+    zero_channels: int = 0  # MLP channels of zeros that round `ff` up to a multiple of QUANT_BLOCK
 
 
 @dataclass(frozen=True)
@@ -377,7 +382,7 @@ def export_gguf(model_or_dir, output: str | os.PathLike, quantize: str = "f32", 
     try:
         with torch.no_grad():
             layers = write(model, vocab, tmp, dtype="f16" if quantize == "f16" else "f32", source=spec,
-                           pad_ff=QUANT_BLOCK if quantize in LLAMA_FTYPE else 1)
+                           pad_ff=1 if quantize == "f32" else QUANT_BLOCK)
         if quantize in LLAMA_FTYPE:
             quantize_file(tmp, quant_tmp, quantize, threads)
             os.replace(quant_tmp, out)
@@ -392,7 +397,7 @@ def export_gguf(model_or_dir, output: str | os.PathLike, quantize: str = "f32", 
         notes.append(f"{sum(lay.zero_query_heads for lay in layers)} zero query heads fill uneven groups")
     if any(lay.zero_channels for lay in layers):
         notes.append(f"{sum(lay.zero_channels for lay in layers)} zero MLP channels round widths up to multiples of "
-                     f"{QUANT_BLOCK} for the quantiser")
+                     f"{QUANT_BLOCK} (llama.cpp's quantiser and matmul)")
     if any(lay.stub_attention or lay.stub_mlp for lay in layers):
         notes.append(f"stubs: attention in layers {[i for i, lay in enumerate(layers) if lay.stub_attention]}, "
                      f"one zero MLP channel in layers {[i for i, lay in enumerate(layers) if lay.stub_mlp]}")

@@ -87,4 +87,5 @@ def test_named_texts_reach_compile_recover_and_the_gsm8k_shots_come_from_train(t
     config = CompileConfig(model="tiny", sparsity=0.2, steps=1, protect="none", calib="gsm8k", calib_samples=4,
                            seq_len=32, eval_windows=2, output=str(tmp_path / "out"))
     result = compile_model(config, loaded=loaded, progress=False)
-    assert result.report["config"]["calib"] == "gsm8k" and result.report["params"]["after"] < result.report["params"]["before"]
+    params = result.report["params"]
+    assert result.report["config"]["calib"] == "gsm8k" and params["after"] < params["before"]
