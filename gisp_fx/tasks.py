@@ -145,6 +145,22 @@ ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 LAST_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
+GSM8K_UNTIL = "Question:"  # lm-eval's gsm8k stops generating here (and at EOS): the model began another question
+
+
+def stop_at_text(tokenizer, start: int, text: str):
+    """A transformers stopping criterion for a batch of one: stop once the tokens after position `start` decode to
+    a text containing `text` (checked after every step)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = text in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopAtText()])
+
+
 def gsm8k_prompt(shots: list[dict], question: str) -> str:
     """lm-eval's gsm8k format: 'Question: ...\\nAnswer: ...' shots separated by blank lines."""
     parts = [gsm8k_example(s) for s in shots]
@@ -186,10 +202,14 @@ def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0,
     for i in tqdm(pick, desc="gsm8k", leave=False, disable=not progress, unit="q"):
         prompt = gsm8k_prompt(shots, rows[i]["question"])
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        # a torch model stops once it starts the next question (lm-eval's `until`); the onnxruntime runner stops at
+        # EOS or max_new_tokens, and the text is cut at the same place
+        stop = {"stopping_criteria": stop_at_text(tokenizer, ids.shape[1], GSM8K_UNTIL)} if isinstance(
+            model, torch.nn.Module) else {}
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n\nQuestion:")[0]
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, **stop)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(GSM8K_UNTIL)[0]
         hits += extract_number(text) == rows[i]["final_answer"]
     return TaskResult("gsm8k", "exact_match", hits / len(pick), len(pick), {})
 

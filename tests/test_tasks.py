@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from gisp_fx.errors import GispError
-from gisp_fx.tasks import (MC_EVAL_TASKS, check_tasks, extract_number, gsm8k_exact_match, loglikelihoods,
-                           mc_accuracy, subset)
+from gisp_fx.tasks import (GSM8K_UNTIL, MC_EVAL_TASKS, check_tasks, extract_number, gsm8k_exact_match,
+                           loglikelihoods, mc_accuracy, stop_at_text, subset)
 
 
 def _naive(model, tok, context, continuation):
@@ -55,6 +55,21 @@ def test_every_task_scores(task):
 ])
 def test_gsm8k_number_extraction(text, number):
     assert extract_number(text) == number
+
+
+def test_gsm8k_generation_stops_where_the_next_question_starts():
+    """lm-eval's `until`: the criterion fires on the step whose new text first holds 'Question:', not before."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<unk>": 1, "Answer": 2, "is": 3, "18.": 4, "Question:": 5, "How": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    criterion = stop_at_text(tok, 2, GSM8K_UNTIL)[0]
+    prompt = [5, 6]  # the prompt itself ends a question: it does not count
+    fired = [bool(criterion(torch.tensor([prompt + new]), None)[0]) for new in ([2], [2, 3, 4], [2, 3, 4, 5])]
+    assert fired == [False, False, True]
 
 
 def test_gsm8k_runs_greedy():
