@@ -73,7 +73,8 @@ def gsm8k_train_text() -> str:
 # bundled texts a calibration (--calib) or a recovery (--data) can name instead of a file: name -> (loader, what)
 TEXT_SOURCES = {
     "wikitext2": (wikitext2_train_text, "WikiText-2 train (bundled 1 MB prefix; the test split is evaluated)"),
-    "gsm8k": (gsm8k_train_text, "GSM8K train, question + worked answer (bundled, 7,473 problems; the test split is evaluated)"),
+    "gsm8k": (gsm8k_train_text,
+              "GSM8K train, question + worked answer (bundled, 7,473 problems; the test split is evaluated)"),
 }
 
 
