@@ -96,10 +96,7 @@ def build_calibration(config: CompileConfig, tokenizer) -> Calibration:
     if config.objective == "margin":
         return mc_sequences(tokenizer, config.tasks, config.calib_samples, seq_len=config.seq_len, seed=config.seed,
                             bos=config.bos, batch_size=config.batch_size)
-    if not config.calib:
-        return lm_windows(tokenizer, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
-                          bos=config.bos, batch_size=config.batch_size)
-    named = datasets.named_text(config.calib)
+    named = datasets.named_text(config.calib or "wikitext2")
     if named is not None:
         text, source = named
         return lm_windows(tokenizer, text, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
