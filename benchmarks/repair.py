@@ -42,10 +42,13 @@ def _record(row: dict) -> None:
 def _variant(text: str):
     """'lsq:pruned:0.01' -> RepairSettings(lsq, end, pruned, 0.01); 'lsq:pruned:0.0001:dense' with the dense target,
     'lsq:pruned:0.0001:dense:sub' also by sublayer, 'lsq:pruned:0.0001:layer:affine' with an intercept (flags after
-    the target: sub, affine)."""
+    the target: sub, affine); 'block:8:1e-4' block reconstruction, 8 epochs at lr 1e-4."""
     from gisp_fx.passes.repair import DAMPING, RepairSettings
 
     mode, *rest = text.split(":")
+    if mode == "block":  # 'block:EPOCHS:LR' (sequential inputs, lsq damping as the default)
+        kw = {"epochs": int(rest[0])} if rest else {}
+        return RepairSettings("block", "end", "pruned", **kw, **({"lr": float(rest[1])} if len(rest) > 1 else {}))
     inputs = rest[0] if rest else "dense"
     damping = float(rest[1]) if len(rest) > 1 else DAMPING
     flags = set(rest[3:])
@@ -96,7 +99,9 @@ def run_end(args) -> None:
                          "calib": mine, **_settings_row(settings), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          "load": [load0, os.getloadavg()[0]],
-                         **({"note": "one pass" + (", dense target" if settings.target == "dense" else "")
+                         **({"note": ("block, %d epochs at lr %g" % (settings.epochs, settings.lr)
+                                      if settings.mode == "block" else "one pass")
+                                     + (", dense target" if settings.target == "dense" else "")
                                      + (", by sublayer" if settings.sublayers else "")
                                      + (", with intercept" if settings.intercept else "")}
                             if settings.inputs == "pruned" else {})})

@@ -221,8 +221,9 @@ def add_compile_commands(sub) -> None:
                         "model stays in host memory for the rewrite), for models that do not fit one device")
     p.add_argument("--repair", choices=REPAIR_MODES,
                    help="re-fit what each pruned layer's output loses on the calibration activations (default none): "
-                        "bias (the removed inputs' mean contribution added to o_proj/down_proj biases) or lsq (the "
-                        "kept input columns re-fitted in closed form); not for magnitude/random or --objective margin")
+                        "bias (the removed inputs' mean contribution added to o_proj/down_proj biases), lsq (the "
+                        "kept input columns re-fitted in closed form) or block (lsq, then each pruned attention and MLP "
+                        "trained to the dense sublayer's output); not for magnitude/random or --objective margin")
     p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
@@ -241,7 +242,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--repair", choices=REPAIR_MODES,
-                   help="default: as the run was compiled; bias/lsq on an unrepaired run repairs the rebuilt model "
+                   help="default: as the run was compiled; bias/lsq/block on an unrepaired run repairs the rebuilt model "
                         "once (needs the run's calibration data)")
     p.add_argument("--calib", help="the run's calibration text file, when a repair needs it and it has moved")
     add_device_flags(p)

@@ -87,7 +87,7 @@ class GispConfig:
     normalize: str = Normalize.REFERENCE.value
     protect: str | None = None  # None: the reference default (first 10 % and last); "none"; or "0,1,29"
     seed: int = 0
-    repair: str = "none"  # none | bias | lsq (passes/repair.py)
+    repair: str = "none"  # none | bias | lsq | block (passes/repair.py)
     repair_at: str = "end"
     pg: PgConfig = field(default_factory=PgConfig)  # --method pg; its seed is this config's
     checkpoint: str = Checkpoint.AUTO.value
@@ -222,7 +222,7 @@ class CompileConfig:
         if "calib" in given and self.objective == "margin":
             out.append("--calib applies to --objective ppl; --objective margin calibrates on the --tasks' questions")
         if "repair_at" in given and (self.repair == "none" or self.schedule_steps == 1):
-            out.append("--repair-at applies to --repair bias|lsq with iterative gisp; "
+            out.append("--repair-at applies to --repair bias|lsq|block with iterative gisp; "
                        + ("--repair is none" if self.repair == "none" else f"--method {method} prunes in one step"))
         pg = sorted(name for name in given if name.startswith("pg_"))
         if pg and method != "pg":

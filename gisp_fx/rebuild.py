@@ -107,7 +107,8 @@ def materialize_repair(traj, override: str | None, calib: str | None):
                             damping=float(first.get("damping", recorded.damping)),
                             target=first.get("target", "layer"),  # runs before targets were recorded: layer
                             sublayers=bool(first.get("sublayers", False)),
-                            intercept=bool(first.get("intercept", False)))
+                            intercept=bool(first.get("intercept", False)),
+                            epochs=int(first.get("epochs", recorded.epochs)), lr=float(first.get("lr", recorded.lr)))
     if override is not None and override not in REPAIR_MODES:
         raise GispError(f"materialize: --repair must be one of {', '.join(REPAIR_MODES)}, got '{override}'")
     if override is None or override == recorded.mode:
@@ -123,7 +124,7 @@ def materialize_repair(traj, override: str | None, calib: str | None):
     if settings.mode == "none":
         if calib is not None:
             raise GispError("materialize: --calib is the calibration text of a repair; this materialize runs none "
-                            "(give --repair bias|lsq, or leave --calib out)")
+                            "(give --repair bias|lsq|block, or leave --calib out)")
         return settings, None
     config = replace(config, repair=settings.mode, calib=calib or config.calib)
     config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from

@@ -26,6 +26,7 @@ cross moments C = sum x_d x_p^T taken on the same tokens.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -37,11 +38,12 @@ from tqdm.auto import tqdm
 from gisp_fx.errors import GispError
 from gisp_fx.passes.calib_loop import StopForward, hidden_states, run_batches, windows
 from gisp_fx.passes.importance import LmCalibration
+from gisp_fx.passes.repair_block import EPOCHS as BLOCK_EPOCHS, LR as BLOCK_LR, record_calls, reconstruct_
 from gisp_fx.passes.repair_fit import Moments, apply_, check_reached, moment_hooks, with_biases
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.plan import Alive, Axis, GroupPlan, Kind, Selection
 
-MODES = ("none", "bias", "lsq")
+MODES = ("none", "bias", "lsq", "block")  # block: lsq, then each pruned sublayer trained (passes/repair_block.py)
 AT = ("step", "end")
 INPUTS = ("dense", "pruned")
 TARGETS = ("layer", "dense")
@@ -56,7 +58,7 @@ DAMPING = 0.0001  # lambda relative to the mean diagonal of G[S, S] (SparseGPT's
 
 @dataclass(frozen=True)
 class RepairSettings:
-    mode: str = "none"  # none | bias | lsq
+    mode: str = "none"  # none | bias | lsq | block
     at: str = "end"  # step: after every step of an iterative run | end: once, on the final removal
     inputs: str = "pruned"  # pruned (sequential) | dense (parallel): the measurement is noted at INPUTS
     damping: float = DAMPING
@@ -65,8 +67,16 @@ class RepairSettings:
     # lsq: fit a bias with the kept columns (an affine fit, on centred moments). Off: on SmolLM2 it gains 0.3 % at 50 %
     # (203.8 against 204.4, 256 test windows) and nothing at 20 % (86.52 against 86.57), for a bias the model lacked.
     intercept: bool = False
+    epochs: int = BLOCK_EPOCHS  # block: Adam epochs over the calibration batches per sublayer
+    lr: float = BLOCK_LR  # block: Adam's learning rate
 
     def __post_init__(self):
+        if self.mode == "block" and (self.inputs != "pruned" or self.target != "layer" or self.sublayers):
+            raise GispError("repair block trains each pruned sublayer on the inputs that reach it in the pruned "
+                            "model, to the dense sublayer's output on them: it needs inputs 'pruned', target "
+                            "'layer' and no sublayers flag (it already goes attention, then MLP)")
+        if self.mode == "block" and (self.epochs < 1 or not self.lr > 0):
+            raise GispError(f"repair block needs epochs >= 1 and a learning rate > 0, got {self.epochs} and {self.lr}")
         if self.target not in TARGETS:
             raise GispError(f"repair target must be one of {', '.join(TARGETS)}, got '{self.target}'")
         if self.target == "dense" and self.inputs != "pruned":
@@ -75,13 +85,21 @@ class RepairSettings:
         if self.sublayers and self.inputs != "pruned":
             raise GispError("repair by sublayer fits the MLP on the inputs of the repaired attention, sequential "
                             "(pruned) inputs; with dense inputs there is no order: use inputs 'pruned'")
-        if self.intercept and self.mode != "lsq":
+        if self.intercept and self.mode not in ("lsq", "block"):
             raise GispError(f"repair intercept fits a bias alongside lsq's columns; mode '{self.mode}' has no fit "
                             "(bias already is the mean shift): use mode 'lsq'")
 
+    @property
+    def fits(self) -> bool:
+        """Whether the consumers' kept columns are re-fitted in closed form (lsq, and block before its training)."""
+        return self.mode in ("lsq", "block")
+
     def to_json(self) -> dict:
-        return {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping,
-                "target": self.target, "sublayers": self.sublayers, "intercept": self.intercept}
+        out = {"mode": self.mode, "at": self.at, "inputs": self.inputs, "damping": self.damping,
+               "target": self.target, "sublayers": self.sublayers, "intercept": self.intercept}
+        if self.mode == "block":
+            out.update(epochs=self.epochs, lr=self.lr)
+        return out
 
 
 def consumer_columns(plan: GroupPlan, selection: Selection) -> dict[str, np.ndarray]:
@@ -118,9 +136,9 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
         raise GispError(f"--repair {settings.mode} fits on language-model calibration windows (the ppl objective), "
                         f"got {type(calib).__name__}; use --objective ppl or --repair none")
     tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
-    if settings.mode == "lsq" and tokens < need:
+    if settings.fits and tokens < need:
         n, L = calib.input_ids.shape
-        raise GispError(f"--repair lsq: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
+        raise GispError(f"--repair {settings.mode}: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
                         f"{need:,} input features of the widest consumer linear, so its Gram matrix is singular and "
                         "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
 
@@ -263,13 +281,42 @@ class _LayerCalls:
                     stream[b] = out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _sublayers(plan: GroupPlan, part: Selection) -> list[str]:
+    """The modules that hold the consumers `part` removes columns of (self_attn, then mlp): what block trains."""
+    names = []
+    for mlp in (False, True):
+        sub = Selection(tuple(r for r in part.removed if (r.kind is Kind.CHANNEL) == mlp))
+        if sub.removed:
+            names += sorted({c.rsplit(".", 1)[0] for c in consumer_columns(plan, sub)} - set(names))
+    return names
+
+
+def _reconstruct_layer_(model: nn.Module, index: int, module: str, before: nn.Module, names: list[str],
+                        calls: "_LayerCalls", settings: RepairSettings) -> list[dict]:
+    """Block: the pruned layer `module` (lsq-fitted and shrunk) has its pruned sublayers `names` (attention, then
+    MLP) trained one after the other to the output of the same sublayer of `before` (the layer before the removal)
+    on the inputs that reach it now (passes/repair_block.py). Returns one record per sublayer."""
+    layer, out = model.get_submodule(module), []
+    for k, name in enumerate(names):
+        rel = name[len(module) + 1:]
+        target = layer.get_submodule(rel)
+        if not any(p.numel() for p in target.parameters()):
+            continue  # an emptied block has nothing left to train
+        inputs = record_calls(layer, target, calls.hidden, calls.calls[module])
+        rec = reconstruct_(target, before.get_submodule(rel), inputs, settings.epochs, settings.lr,
+                           seed=2 * index + k)
+        out.append({"module": name, **rec})
+    return out
+
+
 def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib, settings: RepairSettings,
-                 progress: bool):
+                 progress: bool, blocks: list | None = None):
     """Sequential ("pruned") inputs in one pass: the hidden states are carried layer to layer, so each pruned
     layer is fitted on the activations of the already pruned and repaired layers above it, and every layer runs
     twice at most (once to gather its consumers' inputs, once repaired to feed the next)."""
     pruned = sorted({r.layer for r in selection.removed})
     columns, created, tokens = {}, {}, 0
+    blocks = [] if blocks is None else blocks  # block: a record per trained sublayer
     if not pruned:
         return shrink_(model, plan, selection), columns, created, tokens
     span = [plan.layers[i].module for i in range(pruned[0], pruned[-1] + 1)]
@@ -282,6 +329,8 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                                  tqdm(span, desc="repair: layers", leave=False, disable=not progress, unit="layer")):
             if index in pruned:
                 part = Selection(tuple(r for r in selection.removed if r.layer == index))
+                before = copy.deepcopy(model.get_submodule(module)) if settings.mode == "block" else None
+                names = _sublayers(plan, part) if before is not None else []
                 dense = calls.dense_inputs(model, module, consumer_columns(plan, part)) if paired else None
                 # by sublayer: the attention's consumer first, then the MLP's on the inputs of the pruned attention
                 subs = [Selection(tuple(r for r in part.removed if (r.kind is Kind.CHANNEL) == mlp)) for mlp in (False, True)]
@@ -291,9 +340,9 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                     cols = consumer_columns(plan, sub)
                     moments: dict[str, Moments] = {}
                     if paired:
-                        calls.gather_paired(model, module, cols, moments, settings.mode == "lsq", dense)
+                        calls.gather_paired(model, module, cols, moments, settings.fits, dense)
                     else:
-                        handles = moment_hooks(model, cols, moments, settings.mode == "lsq")
+                        handles = moment_hooks(model, cols, moments, settings.fits)
                         try:
                             calls.gather(model, module)
                         finally:
@@ -305,6 +354,8 @@ def _sequential_(model: nn.Module, plan: GroupPlan, selection: Selection, calib,
                     created.update(made)
                     columns.update(cols)
                     tokens = next(iter(moments.values())).tokens
+                if before is not None:
+                    blocks.extend(_reconstruct_layer_(model, index, module, before, names, calls, settings))
             if index != pruned[-1]:
                 calls.run(model, module, dense=paired and index not in pruned)
     finally:
@@ -319,7 +370,7 @@ def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, ca
     if settings.mode == "none" or calib is None:
         return shrink_(model, plan, selection), None
     t0 = time.perf_counter()
-    need_gram = settings.mode == "lsq"
+    need_gram = settings.fits
     if settings.inputs == "dense":
         columns = consumer_columns(plan, selection)
         last = max((l for l in plan.layers if any(n.startswith(l.module + ".") for n in columns)),
@@ -329,9 +380,18 @@ def shrink_repaired_(model: nn.Module, plan: GroupPlan, selection: Selection, ca
         passes, tokens = int(bool(columns)), next(iter(moments.values())).tokens if moments else 0
         plan = with_biases(shrink_(model, plan, selection), created)
     else:
-        plan, columns, created, tokens = _sequential_(model, plan, selection, calib, settings, progress)
+        blocks: list[dict] = []
+        plan, columns, created, tokens = _sequential_(model, plan, selection, calib, settings, progress, blocks)
         passes = int(bool(columns))
-    record = {**settings.to_json(), "linears": len(columns), "columns_removed": int(sum(map(len, columns.values()))),
+    if settings.mode == "block":
+        extra = {"sublayers_trained": len(blocks),
+                 "error_before": float(np.mean([b["error_before"] for b in blocks])) if blocks else 0.0,
+                 "error_after": float(np.mean([b["error_after"] for b in blocks])) if blocks else 0.0,
+                 "reverted": sum(not b["kept"] for b in blocks),
+                 "trained": [{k: b[k] for k in ("module", "error_before", "error_after", "kept")} for b in blocks]}
+    else:
+        extra = {}
+    record = {**extra, **settings.to_json(), "linears": len(columns), "columns_removed": int(sum(map(len, columns.values()))),
               "tokens": tokens, "forward_passes": passes, "bias_params_added": sum(created.values()), "wall_s": time.perf_counter() - t0}
     return plan, record
 
