@@ -180,8 +180,8 @@ def extract_number(text: str) -> str | None:
 
 
 def _clean(s: str) -> str:
-    s = s.replace(",", "").replace("$", "").rstrip(".")
-    return s
+    """lm-eval's gsm8k `regexes_to_ignore`: commas, dollar signs and one final full stop."""
+    return re.sub(r"\.$", "", s.strip().replace(",", "").replace("$", ""))
 
 
 def gsm8k_shots() -> list[dict]:

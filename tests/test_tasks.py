@@ -57,6 +57,60 @@ def test_gsm8k_number_extraction(text, number):
     assert extract_number(text) == number
 
 
+# lm-evaluation-harness 0.4.9, tasks/gsm8k/gsm8k.yaml (version 3.0), as data: its two filters and exact_match's
+# regexes_to_ignore (ignore_case; the reference answer goes through the same regexes)
+LM_STRICT = r"#### (\-?[0-9\.\,]+)"  # strict-match: regex, take_first
+LM_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # flexible-extract: regex with group_select -1, take_first
+LM_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
+
+
+def _lm_eval_filter(text: str, pattern: str, group_select: int) -> str:
+    import re
+
+    found = re.findall(pattern, text)
+    if not found:
+        return "[invalid]"
+    pick = found[group_select]
+    if isinstance(pick, tuple):
+        pick = next((m for m in pick if m), "[invalid]")
+    return pick.strip()
+
+
+def _lm_eval_exact_match(prediction: str, reference: str) -> bool:
+    import re
+
+    for rx in LM_IGNORE:
+        prediction, reference = re.sub(rx, "", prediction), re.sub(rx, "", reference)
+    return prediction.lower() == reference.lower()
+
+
+OUTPUTS = [  # (a model's generation, the reference's worked answer)
+    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72", "48/2 = 24\n#### 72"),
+    ("The answer is 72.", "#### 72"), ("She earns $1,250 per month.", "#### 1,250"), ("#### 1,000", "#### 1,000"),
+    ("It costs 3.50 dollars", "#### 3.5"), ("-4 degrees then 7", "#### 7"), ("So 5 + 6 = 11 apples. So 11.", "#### 11"),
+    ("#### 5\nThen she had 7 left.", "#### 5"), ("#### 5\nThen she had 7 left.", "#### 7"), ("no number", "#### 3"),
+    ("The answer is 42..", "#### 42"), ("#### $18.", "#### 18"), ("He pays 3 * 4 = $12.00", "#### 12"),
+    ("Total: -15", "#### -15"), ("#### -15", "#### 15"), ("The result is 0.5 of 10, which is 5", "#### 5"),
+    ("1,450,000 people", "#### 1,450,000"), ("#### 2,125.", "#### 2,125"),
+]
+
+
+@pytest.mark.parametrize("text, reference", OUTPUTS)
+def test_gsm8k_scoring_agrees_with_lm_eval(text, reference):
+    """Ours is lm-eval's strict match where the output has '#### N', its flexible match otherwise: the verdict on
+    each fixed output equals lm-eval's for that filter (answer extraction and exact_match's normalisation)."""
+    strict = _lm_eval_filter(text, LM_STRICT, 0)
+    chosen = strict if strict != "[invalid]" else _lm_eval_filter(text, LM_FLEXIBLE, -1)
+    final = reference.split("#### ")[-1].replace(",", "")  # the bundled rows' final_answer
+    assert (extract_number(text) == final) == _lm_eval_exact_match(chosen, reference)
+
+
+def test_gsm8k_scoring_fixture_has_both_verdicts_and_both_filters():
+    verdicts = {extract_number(t) == r.split("#### ")[-1].replace(",", "") for t, r in OUTPUTS}
+    strict = {_lm_eval_filter(t, LM_STRICT, 0) != "[invalid]" for t, _ in OUTPUTS}
+    assert verdicts == {True, False} and strict == {True, False}
+
+
 def test_gsm8k_generation_stops_where_the_next_question_starts():
     """lm-eval's `until`: the criterion fires on the step whose new text first holds 'Question:', not before."""
     import transformers
