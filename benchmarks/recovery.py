@@ -77,9 +77,23 @@ def run_cell(run: Path, tokens: int, work: Path, args: argparse.Namespace) -> di
             "tasks": tasks or None, "task_avg_before": task_avg["before"], "task_avg_after": task_avg["after"],
             "task_limit": args.task_limit if args.tasks else None,
             "tokens_per_s": report["tokens_per_s"], "train_wall_s": report["train_wall_s"], "wall_s": wall,
-            "peak_rss_mb": report["peak_rss_mb"], "rss_bound_mb": 4 * student_mb + teacher_mb,
+            "peak_rss_mb": report["peak_rss_mb"], "train_peak_rss_mb": report.get("train_peak_rss_mb"),
+            "rss_bound_mb": 4 * student_mb + teacher_mb,
             "first_loss": report["losses"][0], "last_loss": report["losses"][-1], "output": str(out),
-            "command": "gisp-fx " + " ".join(cmd[3:])}
+            "command": "gisp-fx " + " ".join(_shown(c) for c in cmd[3:])}
+
+
+def _shown(arg: str) -> str:
+    """A path under the repository as the repository sees it (the recorded commands run from its root)."""
+    path = Path(arg)
+    if path.is_absolute() and path.resolve().is_relative_to(ROOT):
+        return str(path.resolve().relative_to(ROOT))
+    return arg
+
+
+def _train_peak(cell: dict) -> str:
+    """The training's own peak RSS; cells measured before it was recorded apart show '-'."""
+    return f"{cell['train_peak_rss_mb']:,.0f}" if cell.get("train_peak_rss_mb") else "-"
 
 
 def write(doc: dict, folder: Path) -> None:
@@ -91,13 +105,15 @@ def write(doc: dict, folder: Path) -> None:
              "in-domain for WikiText-2 test: perplexity alone overstates recovery.", ""] + _dense_tasks_line(doc) + [
              "",
              "| run | repair | tokens | train | before | after | after / dense | task avg before → after | tokens/s | "
-             "train wall | wall | peak RSS | RSS bound |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "train wall | wall | peak RSS: training / whole command | RSS bound |",
+             "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for c in sorted(doc["cells"], key=lambda c: (c["run"], c["tokens"])):
         train = c["train"] + (f", LoRA {c['lora_rank']}" if c["lora_rank"] else "")
         lines.append(f"| {Path(c['run']).name} ({c['method']} {100 * c['sparsity']:.0f} %) | {c['repair']} | "
                      f"{c['tokens']:,} | {train} | {c['ppl_before']:.2f} | {c['ppl_after']:.2f} | "
                      f"{c['ppl_after'] / dense:.2f}x | {_tasks(c)} | {c['tokens_per_s']:.0f} | {c['train_wall_s'] / 60:.1f} min | "
-                     f"{c['wall_s'] / 60:.1f} min | {c['peak_rss_mb']:,.0f} MiB | {c['rss_bound_mb']:,.0f} MiB |")
+                     f"{c['wall_s'] / 60:.1f} min | {_train_peak(c)} / {c['peak_rss_mb']:,.0f} MiB | "
+                     f"{c['rss_bound_mb']:,.0f} MiB |")
     lines += ["", "Commands:", "", "```"] + [c["command"] for c in doc["cells"]] + ["```", "",
                                                                                       "![perplexity](recovery.png)", ""]
     (folder / "recovery.md").write_text("\n".join(lines))

@@ -18,6 +18,18 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory afresh from what is resident now (Linux: /proc/self/clear_refs,
+    5), so that peak_rss_mb() afterwards is the peak of what runs from here on; False where that is not offered
+    (peak_rss_mb() then keeps the whole process's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def lean_heap_() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (and its trim threshold likewise), for the rest of this process.
 

@@ -13,7 +13,8 @@ COMPILE_REPORT = "compile_report.json"  # the pruned run's own report.json, kept
 
 
 def write_recover_report(folder: Path, run_dir: Path, settings: dict, result: RecoverResult, before: dict,
-                         after: dict, wall_s: float, peak_rss_mb: float) -> dict:
+                         after: dict, wall_s: float, peak_rss_mb: float,
+                         train_peak_rss_mb: float | None = None) -> dict:
     compiled = {}
     if (run_dir / "report.json").is_file():
         shutil.copyfile(run_dir / "report.json", folder / COMPILE_REPORT)
@@ -29,7 +30,7 @@ def write_recover_report(folder: Path, run_dir: Path, settings: dict, result: Re
         "steps": result.steps, "tokens": result.tokens, "train_wall_s": result.wall_s,
         "tokens_per_s": result.tokens_per_s, "trained_params": result.trained_params,
         "lora_merged": result.lora_merged, "losses": list(result.losses),
-        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb, "plot": LOSS_PNG,
+        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb, "train_peak_rss_mb": train_peak_rss_mb, "plot": LOSS_PNG,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1))
     (folder / "report.md").write_text(_markdown(report))
@@ -72,7 +73,8 @@ def _markdown(r: dict) -> str:
         f"(warm-up {s['warmup']:.0%}, cosine to {s['min_lr']:g} x), clip {s['clip']:g}, precision {s['precision']}, "
         f"seed {s['seed']}",
         f"- training {r['train_wall_s']:.1f} s, {r['tokens_per_s']:.1f} tokens/s; whole command {r['wall_s']:.1f} s; "
-        f"peak RSS {r['peak_rss_mb']:.0f} MiB",
+        f"peak RSS {r['peak_rss_mb']:.0f} MiB" + (f" (training alone {r['train_peak_rss_mb']:.0f} MiB)"
+                                                  if r.get("train_peak_rss_mb") else ""),
         f"- loss: {r['losses'][0]:.4f} at the first step, {r['losses'][-1]:.4f} at the last", "",
         f"## WikiText-2 test perplexity ({p['windows']} windows of {p['seq_len']} tokens)", "",
         "| model | perplexity |", "|---|---:|",

@@ -22,7 +22,7 @@ from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.loading import LoadedModel, load_model
-from gisp_fx.memory import peak_rss_mb
+from gisp_fx.memory import peak_rss_mb, reset_peak_rss
 from gisp_fx.passes.recover import Recovery, RecoverConfig, RecoverResult, recover_
 from gisp_fx.recover_report import write_recover_report
 from gisp_fx.save import check_output_folder, save_pruned
@@ -198,7 +198,10 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
         if after_step is not None:
             after_step(run)
 
+    # the training's own peak (student, teacher, optimizer, activations) apart from the evaluations' around it
+    peak_before, fresh = peak_rss_mb(), reset_peak_rss()
     result = recover_(student.model, dense.model, config, windows, state=state, on_step=on_step)
+    train_peak = peak_rss_mb() if fresh else None
     bar.close()
     teacher_spec = teacher or traj.config["model"]
     del dense
@@ -210,7 +213,8 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
     traj.recover.append(settings)
     traj.save(partial / TRAJECTORY_DIR)
     report = write_recover_report(partial, run_path, settings, result, before, after,
-                                  wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+                                  wall_s=time.perf_counter() - started,
+                                  peak_rss_mb=max(peak_before, peak_rss_mb()), train_peak_rss_mb=train_peak)
     for name in (CHECKPOINT, CHECKPOINT + ".tmp", BEFORE):
         (partial / name).unlink(missing_ok=True)
     if out.exists():

@@ -276,6 +276,8 @@ def test_recovery_benchmark_on_a_tiny_run(run, tmp_path, monkeypatch):
     doc = json.loads((out / "recovery.json").read_text())
     assert [c["tokens"] for c in doc["cells"]] == [32, 64] and doc["dense_ppl"] > 0
     assert all(c["ppl_after"] > 0 and c["peak_rss_mb"] > 0 for c in doc["cells"])
+    # the training's own peak is recorded apart (Linux), within the whole command's
+    assert all(0 < c["train_peak_rss_mb"] <= c["peak_rss_mb"] for c in doc["cells"])
     # the dense model and every cell are evaluated on the same questions of the same tasks
     assert sorted(doc["dense_tasks"]) == ["arc_easy", "piqa"] and all(t["n"] == 3 for t in doc["dense_tasks"].values())
     for c in doc["cells"]:
