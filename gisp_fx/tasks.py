@@ -149,14 +149,14 @@ GSM8K_UNTIL = "Question:"  # lm-eval's gsm8k stops generating here (and at EOS):
 
 
 def stop_at_text(tokenizer, start: int, text: str):
-    """A transformers stopping criterion for a batch of one: stop once the tokens after position `start` decode to
-    a text containing `text` (checked after every step)."""
+    """A transformers stopping criterion: a row is done once its tokens after position `start` decode to a text
+    containing `text` (checked after every step; generate pads the rows that are done until all are)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopAtText(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            done = text in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+            done = [text in tokenizer.decode(row[start:], skip_special_tokens=True) for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopAtText()])
 
@@ -191,27 +191,58 @@ def gsm8k_shots() -> list[dict]:
     return [train[i] for i in random.Random(1234).sample(range(len(train)), GSM8K_SHOTS)]
 
 
+GSM8K_BATCH = 8  # prompts generated together (left-padded) by a torch model
+
+
+def gsm8k_generations(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = GSM8K_BATCH,
+                      progress: bool = False) -> list[str]:
+    """Greedy continuations of `prompts`, each cut where the model starts the next 'Question:' (lm-eval's `until`).
+
+    A torch model generates `batch_size` prompts at a time, left-padded, in order of length (so a batch pads
+    little), and stops a row once it has started the next question; the onnxruntime runner (exporters/ort.py) takes
+    one prompt at a time to EOS or `max_new_tokens`, and its text is cut at the same place."""
+    batched = isinstance(model, torch.nn.Module)
+    size = batch_size if batched else 1
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model.device  # an HF model, or the onnxruntime runner
+    texts: list[str] = [""] * len(prompts)
+    side, had_pad = getattr(tokenizer, "padding_side", "right"), tokenizer.pad_token
+    tokenizer.padding_side = "left"  # both restored after
+    if had_pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        with tqdm(total=len(prompts), desc="gsm8k", leave=False, disable=not progress, unit="q") as bar:
+            for start in range(0, len(order), size):
+                idx = order[start : start + size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+                ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+                stop = {"stopping_criteria": stop_at_text(tokenizer, ids.shape[1], GSM8K_UNTIL)} if batched else {}
+                with torch.inference_mode():
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=pad, **stop)
+                for row, i in enumerate(idx):
+                    text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+                    texts[i] = text.split(GSM8K_UNTIL)[0]
+                bar.update(len(idx))
+    finally:
+        tokenizer.padding_side = side
+        if had_pad is None:
+            tokenizer.pad_token = None
+    return texts
+
+
 def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0, max_new_tokens: int = 256,
-                      progress: bool = True) -> TaskResult:
+                      progress: bool = True, batch_size: int = GSM8K_BATCH) -> TaskResult:
     rows = gsm8k_rows("test")
     pick = subset(len(rows), limit, seed)
     shots = gsm8k_shots()
-    device = model.device  # an HF model, or the onnxruntime runner (exporters/ort.py)
-    hits = 0
     model.eval()
-    for i in tqdm(pick, desc="gsm8k", leave=False, disable=not progress, unit="q"):
-        prompt = gsm8k_prompt(shots, rows[i]["question"])
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        # a torch model stops once it starts the next question (lm-eval's `until`); the onnxruntime runner stops at
-        # EOS or max_new_tokens, and the text is cut at the same place
-        stop = {"stopping_criteria": stop_at_text(tokenizer, ids.shape[1], GSM8K_UNTIL)} if isinstance(
-            model, torch.nn.Module) else {}
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, **stop)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(GSM8K_UNTIL)[0]
-        hits += extract_number(text) == rows[i]["final_answer"]
-    return TaskResult("gsm8k", "exact_match", hits / len(pick), len(pick), {})
+    texts = gsm8k_generations(model, tokenizer, [gsm8k_prompt(shots, rows[i]["question"]) for i in pick],
+                              max_new_tokens, batch_size, progress)
+    hits = sum(extract_number(t) == rows[i]["final_answer"] for t, i in zip(texts, pick))
+    return TaskResult("gsm8k", "exact_match", hits / len(pick), len(pick), {"batch_size": batch_size})
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, seq_len: int = 128,

@@ -124,6 +124,24 @@ def test_gsm8k_generation_stops_where_the_next_question_starts():
     prompt = [5, 6]  # the prompt itself ends a question: it does not count
     fired = [bool(criterion(torch.tensor([prompt + new]), None)[0]) for new in ([2], [2, 3, 4], [2, 3, 4, 5])]
     assert fired == [False, False, True]
+    # per row in a batch: the row that began a question is done, the other goes on
+    assert criterion(torch.tensor([prompt + [2, 5], prompt + [2, 3]]), None).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_gsm8k_batched_generation_equals_one_prompt_at_a_time(arch):
+    """Left-padded batches (sorted by length) give each prompt the tokens it gets alone, in the prompts' order;
+    the tokenizer's padding side and pad token are as they were after."""
+    from gisp_fx.tasks import gsm8k_generations
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    g = torch.Generator().manual_seed(5)  # prompts in the tiny vocabulary, of 3 to 20 words: the batches pad
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 96, (n,), generator=g)) for n in (3, 20, 7, 12, 5)]
+    side, pad = tok.padding_side, tok.pad_token
+    one = gsm8k_generations(model, tok, prompts, max_new_tokens=10, batch_size=1)
+    together = gsm8k_generations(model, tok, prompts, max_new_tokens=10, batch_size=4)
+    assert together == one and len(set(one)) > 1
+    assert (tok.padding_side, tok.pad_token) == (side, pad)
 
 
 def test_gsm8k_runs_greedy():
