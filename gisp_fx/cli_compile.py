@@ -25,7 +25,7 @@ def parse_windows(value: str) -> int | None:
 # flags whose argparse default is None, so that a flag the user gave can be told from one left at its default
 PG_FLAGS = ("pg_iters", "pg_samples", "pg_lr", "pg_init", "pg_groups", "pg_budget", "pg_penalty")
 OPTIONAL_FLAGS = ("tasks", "calib", "calib_samples", "seq_len", "batch_size", "steps", "normalize", *PG_FLAGS,
-                  "repair", "repair_at")
+                  "repair", "repair_at", "repair_samples")
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def _compile(args: argparse.Namespace) -> None:
         steps=flag["steps"], oneshot=args.oneshot, normalize=flag["normalize"], protect=args.protect, seed=args.seed,
         eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
         checkpoint=args.checkpoint, memory_budget_gb=args.memory_budget_gb, device=args.device, dtype=args.dtype, shard=args.shard,
-        repair=flag["repair"], repair_at=flag["repair_at"],
+        repair=flag["repair"], repair_at=flag["repair_at"], repair_samples=flag["repair_samples"],
     )
     config.validate(frozenset(given))
     if args.recover_tokens is not None and args.recover_tokens < 1:
@@ -227,6 +227,9 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
+    p.add_argument("--repair-samples", type=int, metavar="N",
+                   help="calibration windows the repair fits on, drawn from the same text (default: --calib-samples; "
+                        "with --repair block 256, as it overfits fewer)")
     p.add_argument("--recover-tokens", type=int, metavar="N",
                    help="after pruning, distil the pruned model from the dense one on N tokens of WikiText-2 train "
                         "into OUTPUT/recovered (as `gisp-fx recover OUTPUT --output OUTPUT/recovered --tokens N`; "

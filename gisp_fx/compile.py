@@ -72,7 +72,14 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     check_target(settings, plan0, parse_protect(config.protect, len(plan0.layers)))
     check_calibration_positions(model, config.method, config.seq_len)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
-    check_calibration(plan0, calib, settings.repair_settings())
+    repair_calib = calib
+    if calibration is None and config.repair != "none" and config.repair_windows != config.calib_samples:
+        try:
+            repair_calib = build_calibration(replace(config, calib_samples=config.repair_windows), tokenizer)
+        except GispError as exc:
+            raise GispError(f"--repair {config.repair} fits on {config.repair_windows} calibration windows "
+                            f"(--repair-samples): {exc}") from exc
+    check_calibration(plan0, repair_calib, settings.repair_settings())
     free_memory()  # the load's, the capture's and the tokenizer's temporaries
     before = dense_perplexity(partial, lambda: _ppl(wikitext2_perplexity(
         model, tokenizer, config.seq_len, config.eval_windows, progress=progress, desc="dense ppl", bos=config.bos)))
@@ -84,7 +91,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
 
     try:
         result = prune_(model, settings, calib, progress=progress, on_step=saved, resume=resumed,
-                        record=config.to_json(), shard_device=config.device)
+                        record=config.to_json(), shard_device=config.device, repair_calibration=repair_calib)
     except StepFailed as exc:
         raise GispError(f"{exc}. The last good trajectory ({exc.step - 1} steps) is kept in '{traj_dir}'") from exc
     result.trajectory.save(traj_dir)  # with the end repair's record

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from gisp_fx.datasets import BOS_MODES
 from gisp_fx.errors import GispError
 from gisp_fx.passes.pg import PgConfig
-from gisp_fx.passes.repair import AT as REPAIR_AT, MODES as REPAIR_MODES, RepairSettings
+from gisp_fx.passes.repair import AT as REPAIR_AT, BLOCK_SAMPLES, MODES as REPAIR_MODES, RepairSettings
 from gisp_fx.passes.select import Normalize
 
 CONFIG_VERSION = 1
@@ -174,6 +174,8 @@ class CompileConfig:
     # repair of the consumer linears (passes/repair.py): none | bias | lsq, after every step or once at the end
     repair: str = "none"
     repair_at: str = "end"
+    # windows of the repair's own calibration, drawn from the same text (default: --calib-samples; block: 256)
+    repair_samples: int | None = None
     shard: bool = False  # score on an FSDP2 copy whose decoder layers are sharded across the torchrun processes
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
@@ -197,12 +199,22 @@ class CompileConfig:
             raise GispError(f"--repair {self.repair} re-fits weights on language-model calibration windows; "
                             "--objective margin calibrates on multiple-choice questions: use --objective ppl, or "
                             "--repair none")
+        if self.repair_samples is not None and self.repair_samples < 1:
+            raise GispError(f"--repair-samples must be at least 1, got {self.repair_samples}")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise GispError(f"--eval-windows must be positive or 'all', got {self.eval_windows}")
         ignored = self.ignored(self.non_default() if given is None else given)
         if ignored:
             raise GispError("settings that would be ignored: " + "; ".join(ignored) + ". Leave them out")
         return self
+
+    @property
+    def repair_windows(self) -> int:
+        """The windows the repair fits on: --repair-samples, else block's BLOCK_SAMPLES (trained sublayers overfit
+        64 windows: benchmarks/results/repair.md), else the calibration's own --calib-samples."""
+        if self.repair_samples is not None:
+            return self.repair_samples
+        return max(BLOCK_SAMPLES, self.calib_samples) if self.repair == "block" else self.calib_samples
 
     def non_default(self) -> frozenset[str]:
         return frozenset(f.name for f in fields(self) if getattr(self, f.name) != f.default)
@@ -224,6 +236,8 @@ class CompileConfig:
         if "repair_at" in given and (self.repair == "none" or self.schedule_steps == 1):
             out.append("--repair-at applies to --repair bias|lsq|block with iterative gisp; "
                        + ("--repair is none" if self.repair == "none" else f"--method {method} prunes in one step"))
+        if "repair_samples" in given and self.repair == "none":
+            out.append("--repair-samples sets the repair's calibration; --repair is none")
         pg = sorted(name for name in given if name.startswith("pg_"))
         if pg and method != "pg":
             out.append(f"{', '.join('--' + n.replace('_', '-') for n in pg)} apply to --method pg, not {method}")

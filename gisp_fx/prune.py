@@ -122,13 +122,14 @@ def _check_arguments(model, config, calibration) -> None:
 
 def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: bool = True,
            on_step: Callable[[Trajectory, nn.Module], None] | None = None, resume: Trajectory | None = None,
-           record: dict | None = None, shard_device: str | None = None) -> PruneResult:
+           record: dict | None = None, shard_device: str | None = None, repair_calibration=None) -> PruneResult:
     """Prune `model` in place to `config.sparsity` of its decoder-layer parameters.
 
     `calibration`: token-id windows [n, seq] (LongTensor) or an object of `lm_windows`, `mc_sequences` or
     `custom_objective` (none for magnitude and random). `on_step(trajectory, model)` runs after every step;
     `resume` continues a trajectory of the same model and settings (its removals are replayed first); `record`
-    is what the trajectory stores as its config (default: `config` as compile settings without a model name)."""
+    is what the trajectory stores as its config (default: `config` as compile settings without a model name);
+    `repair_calibration`: the windows the repair fits on (default: `calibration`)."""
     _check_arguments(model, config, calibration)
     config.validate()
     calib = as_calibration(calibration) if calibration is not None else None
@@ -137,7 +138,8 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
     protect = parse_protect(config.protect, len(plan0.layers))
     target = check_target(config, plan0, protect)
     repair = config.repair_settings()
-    check_calibration(plan0, calib, repair)
+    fit = as_calibration(repair_calibration) if repair_calibration is not None else calib
+    check_calibration(plan0, fit, repair)
     checkpoint = use_checkpoint(config, model, calib)
     # repair at the end replays the final removal on the dense model: keep a dense copy until then
     dense = copy.deepcopy(model) if repair.mode != "none" and repair.at == "end" else None
@@ -149,7 +151,7 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
         traj = resume
         at_step = repair.at == "step"
         chunks = [s.refs() for s in traj.steps] if at_step else [traj.removed_until(len(traj.steps))]
-        plan, alive, _ = replay_repaired_(model, plan0, chunks, calib if at_step else None, repair, progress)
+        plan, alive, _ = replay_repaired_(model, plan0, chunks, fit if at_step else None, repair, progress)
     else:
         record = record if record is not None else CompileConfig.from_gisp(config).to_json()
         traj = Trajectory({**record, "groups_per_step": None}, plan0)
@@ -173,7 +175,7 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
         original = tuple(alive.original(ref) for ref in selection.removed)
         for name, values in (("heads", scores.heads), ("channels", scores.channels)):
             traj.scores[f"step{t}.{name}"] = scores_table(plan0, list(zip(alive.heads, alive.channels)), values, name)
-        plan, repaired = shrink_repaired_(model, plan, selection, calib if repair.at == "step" else None, repair,
+        plan, repaired = shrink_repaired_(model, plan, selection, fit if repair.at == "step" else None, repair,
                                           progress)
         if repaired:
             traj.repair.append({"step": t, **repaired})
@@ -192,7 +194,7 @@ def prune_(model: nn.Module, config: GispConfig, calibration=None, *, progress: 
             on_step(traj, model)
     bar.close()
     if dense is not None:
-        plan, _, (repaired,) = replay_repaired_(dense, plan0, [traj.removed_until(len(traj.steps))], calib, repair,
+        plan, _, (repaired,) = replay_repaired_(dense, plan0, [traj.removed_until(len(traj.steps))], fit, repair,
                                                 progress)
         adopt_(model, dense)
         del dense

@@ -152,7 +152,10 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
     if plan0 != traj.plan:
         raise GispError(f"materialize: the model '{traj.config.get('model')}' is not the one this trajectory pruned")
     require_same_weights(traj.fingerprint, loaded.model, plan0, str(traj.config.get("model")), "materialize")
-    calibration = build_calibration(calib_config, loaded.tokenizer) if calib_config else None
+    calibration = None
+    if calib_config:  # the windows the run's repair fitted on (--repair-samples, or block's default)
+        calibration = build_calibration(replace(calib_config, calib_samples=calib_config.repair_windows),
+                                        loaded.tokenizer)
     chunks = [removed]
     if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
         chunks = [tuple(r for r in removed if r in refs) for refs in (set(s.refs()) for s in traj.steps)]

@@ -198,8 +198,10 @@ def _compile(tmp_path, name, layers=4, **kw):
 @pytest.mark.parametrize("repair,at", [("bias", "step"), ("lsq", "end"), ("lsq", "step"), ("block", "end")])
 def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
     plain = _compile(tmp_path, "plain")
-    run = _compile(tmp_path, "run", repair=repair, repair_at=at)
+    run = _compile(tmp_path, "run", repair=repair, repair_at=at, **({"repair_samples": 24} if repair == "block" else {}))
     report = json.loads((run.output / "report.json").read_text())
+    # the repair fitted on its own windows where it has them (block: --repair-samples), else the compile's 12
+    assert all(r["tokens"] == (24 if repair == "block" else 12) * 16 for r in report["repair"]["runs"])
     assert report["repair"]["mode"] == repair and report["repair"]["at"] == at
     runs = report["repair"]["runs"]
     assert [r["step"] for r in runs] == ([s["step"] for s in report["steps"]] if at == "step" else ["end"])
@@ -504,3 +506,18 @@ def test_block_trains_in_fp32_and_writes_back_in_the_models_dtype():
 def test_block_refuses_settings_it_cannot_serve(kw, match):
     with pytest.raises(GispError, match=match):
         RepairSettings("block", **kw)
+
+
+def test_repair_samples_default_and_refusals(tmp_path, capsys):
+    base = dict(model="m", sparsity=0.5, output="o", calib_samples=64)
+    assert CompileConfig(**base, repair="block").repair_windows == 256
+    assert CompileConfig(**base, repair="lsq").repair_windows == 64
+    assert CompileConfig(**base, repair="lsq", repair_samples=128).repair_windows == 128
+    with pytest.raises(GispError, match="--repair-samples sets the repair's calibration; --repair is none"):
+        CompileConfig(**base, repair_samples=128).validate()
+    with pytest.raises(GispError, match="--repair-samples must be at least 1"):
+        CompileConfig(**base, repair="block", repair_samples=0).validate()
+    # more windows than the text holds: one line that names the repair's windows, and no output folder
+    with pytest.raises(GispError, match=r"--repair block fits on 256 calibration windows \(--repair-samples\)"):
+        _compile(tmp_path, "run", repair="block")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
