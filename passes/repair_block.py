@@ -35,7 +35,7 @@ LR = 1e-3  # Adam's learning rate (constant); the lsq fit is the start, and a su
 
 
 def _normal(x):
-    """A tensor made in inference mode, cloned outside it (autograd can save it); fp32 when `float` was asked."""
+    """A tensor made in inference mode, cloned outside it (so autograd can save it); anything else as it is."""
     return x.clone() if isinstance(x, torch.Tensor) else x
 
 
