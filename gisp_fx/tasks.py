@@ -150,13 +150,21 @@ GSM8K_UNTIL = "Question:"  # lm-eval's gsm8k stops generating here (and at EOS):
 
 def stop_at_text(tokenizer, start: int, text: str):
     """A transformers stopping criterion: a row is done once its tokens after position `start` decode to a text
-    containing `text` (checked after every step; generate pads the rows that are done until all are)."""
+    containing `text` (checked after every step on the rows not yet done; generate pads the rows that are done until
+    all are). One criterion serves one `generate` call: it remembers which of that batch's rows are done."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopAtText(StoppingCriteria):
+        def __init__(self):
+            self.done: list[bool] | None = None
+
         def __call__(self, input_ids, scores, **kwargs):
-            done = [text in tokenizer.decode(row[start:], skip_special_tokens=True) for row in input_ids]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+            if self.done is None:
+                self.done = [False] * len(input_ids)
+            for r, row in enumerate(input_ids):
+                if not self.done[r]:
+                    self.done[r] = text in tokenizer.decode(row[start:], skip_special_tokens=True)
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopAtText()])
 
@@ -203,34 +211,34 @@ def gsm8k_generations(model, tokenizer, prompts: list[str], max_new_tokens: int 
     one prompt at a time to EOS or `max_new_tokens`, and its text is cut at the same place."""
     batched = isinstance(model, torch.nn.Module)
     size = batch_size if batched else 1
-    lengths = [len(tokenizer(p).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    encoded = tokenizer(prompts).input_ids  # once: the lengths order the batches, the batches pad these ids
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.device  # an HF model, or the onnxruntime runner
     texts: list[str] = [""] * len(prompts)
-    side, had_pad = getattr(tokenizer, "padding_side", "right"), tokenizer.pad_token
-    tokenizer.padding_side = "left"  # both restored after
-    if had_pad is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        with tqdm(total=len(prompts), desc="gsm8k", leave=False, disable=not progress, unit="q") as bar:
-            for start in range(0, len(order), size):
-                idx = order[start : start + size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
-                ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-                stop = {"stopping_criteria": stop_at_text(tokenizer, ids.shape[1], GSM8K_UNTIL)} if batched else {}
-                with torch.inference_mode():
-                    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=pad, **stop)
-                for row, i in enumerate(idx):
-                    text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
-                    texts[i] = text.split(GSM8K_UNTIL)[0]
-                bar.update(len(idx))
-    finally:
-        tokenizer.padding_side = side
-        if had_pad is None:
-            tokenizer.pad_token = None
+    with tqdm(total=len(prompts), desc="gsm8k", leave=False, disable=not progress, unit="q") as bar:
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            ids, mask = _left_padded([encoded[i] for i in idx], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            stop = {"stopping_criteria": stop_at_text(tokenizer, ids.shape[1], GSM8K_UNTIL)} if batched else {}
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad, **stop)
+            for row, i in enumerate(idx):
+                text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+                texts[i] = text.split(GSM8K_UNTIL)[0]
+            bar.update(len(idx))
     return texts
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded on the left to the longest (so every row's last token is the last column), and the
+    attention mask that hides the padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
 
 
 def gsm8k_exact_match(model, tokenizer, limit: int | None = None, seed: int = 0, max_new_tokens: int = 256,

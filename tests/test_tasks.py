@@ -124,8 +124,14 @@ def test_gsm8k_generation_stops_where_the_next_question_starts():
     prompt = [5, 6]  # the prompt itself ends a question: it does not count
     fired = [bool(criterion(torch.tensor([prompt + new]), None)[0]) for new in ([2], [2, 3, 4], [2, 3, 4, 5])]
     assert fired == [False, False, True]
-    # per row in a batch: the row that began a question is done, the other goes on
-    assert criterion(torch.tensor([prompt + [2, 5], prompt + [2, 3]]), None).tolist() == [True, False]
+    # per row in a batch: the row that began a question is done, the other goes on; a row once done is not decoded
+    # again (generate pads it with the pad token from then on)
+    decoded = []
+    tok.decode = lambda ids, _decode=tok.decode, **kw: decoded.append(len(ids)) or _decode(ids, **kw)
+    batch = stop_at_text(tok, 2, GSM8K_UNTIL)[0]
+    assert batch(torch.tensor([prompt + [2, 5], prompt + [2, 3]]), None).tolist() == [True, False]
+    assert batch(torch.tensor([prompt + [2, 5, 0], prompt + [2, 3, 5]]), None).tolist() == [True, True]
+    assert decoded == [2, 2, 3]
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
