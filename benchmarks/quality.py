@@ -1,7 +1,9 @@
-"""The quality table: methods x sparsities x (WikiText-2 perplexity, the 7 commonsense tasks) -> md/json/png.
+"""The quality table: methods x sparsities x (WikiText-2 perplexity, the 7 commonsense tasks, GSM8K) -> md/json/png.
 
     python benchmarks/quality.py                       # SmolLM2, the default grid (what `make quality` runs)
     python benchmarks/quality.py --limit 100 --windows all --methods gisp,wanda-sp
+    python benchmarks/quality.py --model qwen2.5-coder-0.5b --limit 100 --windows 256 --gsm8k 200 \
+        --methods gisp,oneshot,wanda-sp,gisp+lsq,wanda-sp+lsq     # -> benchmarks/results/quality-qwen2.5-coder-0.5b/
 
 Every method compiles once, to the highest sparsity, and serves the lower ones from its run (`materialize`):
 globally ranked methods (gisp, oneshot, magnitude, random, gisp-margin) by a prefix of their removal order, uniform
@@ -13,8 +15,14 @@ on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiTex
     python benchmarks/quality.py --append --methods pg --pg-iters 200 --sparsities 0.5   # add rows to the table
     python benchmarks/quality.py --append --methods gisp+lsq,wanda-sp+lsq   # repaired rows (`--repair lsq`, at end)
 
-A method written `METHOD+lsq` (or `+bias`) reuses METHOD's run and repairs each sparsity's model at the end, on the
-run's own calibration windows, as `gisp-fx materialize RUN --repair lsq` does.
+A method written `METHOD+lsq` (or `+bias`, `+block`) reuses METHOD's run and repairs each sparsity's model at the end,
+on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (block on its 256 windows).
+
+`--calib gsm8k` (or a text file) calibrates every method of the invocation on that text instead of WikiText-2; its
+rows are labelled with it and kept apart from the WikiText-calibrated ones (the runs too), so `--append` puts both in
+one table. `--gsm8k N` adds GSM8K exact match (5-shot, greedy, N problems, batched torch generation) to every row.
+The 7-task average is printed with its standard error (of a mean of 7 binomial proportions); every row records the
+compile's wall time (of the run it is served from) and its own (rebuild, repair and evaluation).
 
 `--append` keeps the rows of the existing quality.json that this invocation does not measure (and its dense row,
 after checking that it was measured on the same subsets).
@@ -29,13 +37,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from gisp_fx.config import CALIBRATION_FREE, CompileConfig
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.compile import compile_model
 from gisp_fx.rebuild import load_trajectory, materialize_model
-from gisp_fx.tasks import MC_EVAL_TASKS, evaluate
+from gisp_fx.tasks import MC_EVAL_TASKS, evaluate, gsm8k_exact_match
 
-REPAIRS = ("bias", "lsq")  # `--methods gisp+lsq`: the method's run, repaired (at the end) on its calibration windows
+REPAIRS = ("bias", "lsq", "block")  # `--methods gisp+lsq`: the method's run, repaired (at the end) on its calibration
 MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
 
 
@@ -48,10 +58,30 @@ def _config(method: str, model: str, sparsity: float, out: Path, args, pg_iters:
         extra["pg_iters"] = pg_iters
     if base not in CALIBRATION_FREE:
         extra["calib_samples"] = args.calib_samples
+        if args.calib and not margin:
+            extra["calib"] = args.calib
     return CompileConfig(model=model, sparsity=sparsity, output=str(out), method=base,
                          objective="margin" if margin else "ppl", tasks=MARGIN_TASKS if margin else (),
                          seed=args.seed, eval_windows=16,  # the report's own check; the table evaluates every row
-                         **extra)
+                         dtype=args.dtype, **extra)
+
+
+def _slug(model: str) -> str:
+    """A folder-name form of a model spec: a bundled name as it is, a folder by its name, a hub id
+    'Qwen/Qwen2.5-0.5B' as 'qwen-qwen2.5-0.5b'."""
+    if Path(model).exists():
+        return Path(model).resolve().name.lower()
+    return "-".join(part for part in model.strip("/").lower().split("/")[-2:] if part)
+
+
+def _windows(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def cmqa_se(row: dict, limit: int) -> float:
+    """The standard error of the 7-task average: sqrt(sum p(1-p)/n) / 7, n the questions of each task."""
+    n = row.get("task_n") or {t: limit for t in MC_EVAL_TASKS}
+    return sum(row[t] * (1 - row[t]) / n[t] for t in MC_EVAL_TASKS) ** 0.5 / len(MC_EVAL_TASKS)
 
 
 def _fresh(original: LoadedModel) -> LoadedModel:
@@ -59,11 +89,12 @@ def _fresh(original: LoadedModel) -> LoadedModel:
 
 
 def _key(row: dict) -> tuple:
-    return row["method"], row.get("pg_iters"), row["target"]
+    return row["method"], row.get("pg_iters"), row.get("calib"), row["target"]
 
 
 def _label(row: dict) -> str:
-    return f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") is not None else row["method"]
+    label = f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") is not None else row["method"]
+    return label + (f" [{Path(row['calib']).name} calib]" if row.get("calib") else "")
 
 
 def _previous(args) -> tuple[list[dict], float]:
@@ -73,11 +104,11 @@ def _previous(args) -> tuple[list[dict], float]:
     if not args.append or not path.is_file():
         return [], 0.0
     doc = json.loads(path.read_text())
-    mine = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed}
-    theirs = {k: doc.get(k) for k in mine}
+    mine = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed, "gsm8k": args.gsm8k}
+    theirs = {k: doc.get(k, 0 if k == "gsm8k" else None) for k in mine}
     if theirs != mine:
         raise SystemExit(f"--append: {path} was measured with {theirs}, this run with {mine}; pass the same "
-                         "--model/--limit/--windows/--seed or a new --output")
+                         "--model/--limit/--windows/--seed/--gsm8k or a new --output")
     first = [f"python benchmarks/quality.py --limit {doc['limit']} --windows {doc['windows']}"]  # before commands
     args.commands = list(dict.fromkeys([*doc.get("commands", first), *args.commands]))  # a re-run is listed once
     return doc["rows"], float(doc["wall_s"])
@@ -92,30 +123,50 @@ def main() -> None:
     ap.add_argument("--pg-iters", default="30", help="pg iteration budgets, comma-separated (one run each; 100 "
                     "iterations take about 6 minutes on SmolLM2 on 2 idle CPU cores)")
     ap.add_argument("--limit", type=int, default=40, help="questions per QA task (seeded subset)")
-    ap.add_argument("--windows", type=int, default=128, help="WikiText-2 test windows (evenly spaced)")
+    ap.add_argument("--windows", type=_windows, default=128, help="WikiText-2 test windows (evenly spaced; 'all')")
+    ap.add_argument("--gsm8k", type=int, default=0, help="GSM8K problems per row (5-shot exact match; 0: not measured)")
+    ap.add_argument("--calib", default=None, help="calibration text of every method here: gsm8k, wikitext2 or a file "
+                    "(default wikitext2; rows of another text are labelled with it)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", default="runs/quality", help="where the compiled runs go (reused if complete)")
-    ap.add_argument("--output", default="benchmarks/results/quality")
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype of the dense model and every compile "
+                    "(bfloat16 for the larger models)")
+    ap.add_argument("--runs", default=None, help="where the compiled runs go (reused if complete; default "
+                    "runs/quality, or runs/quality-MODEL for another model than smollm2)")
+    ap.add_argument("--output", default=None, help="default benchmarks/results/quality, or "
+                    "benchmarks/results/quality-MODEL for another model than smollm2")
     ap.add_argument("--append", action="store_true", help="keep the existing table's other rows (see above)")
     args = ap.parse_args()
     args.commands = ["python benchmarks/quality.py " + " ".join(sys.argv[1:])]
+    named = "" if args.model == "smollm2" else f"-{_slug(args.model)}"
+    args.runs = args.runs or f"runs/quality{named}"
+    args.output = args.output or f"benchmarks/results/quality{named}"
+    args.calib = None if args.calib == "wikitext2" else args.calib
+    if args.gsm8k < 0:
+        raise SystemExit(f"--gsm8k: {args.gsm8k}; give a number of problems (0: not measured)")
 
     methods = args.methods.split(",")
     sparsities = sorted(float(x) for x in args.sparsities.split(","))
     tasks = ["wikitext2", *MC_EVAL_TASKS]
     previous, earlier_s = _previous(args)
-    original = load_model(args.model)
+    original = load_model(args.model, dtype=getattr(torch, args.dtype))
     started = time.perf_counter() - earlier_s  # an appended table's wall time is the sum of its invocations
 
     def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float, **extra) -> dict:
         t0 = time.perf_counter()
         results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, windows=args.windows)
+        if args.gsm8k:
+            results.append(gsm8k_exact_match(loaded.model, loaded.tokenizer, args.gsm8k, args.seed))
         row = {"method": method, "target": target, "sparsity": sparsity, **extra,
                "params": sum(p.numel() for p in loaded.model.parameters()),
-               **{r.task: r.value for r in results}, "eval_s": time.perf_counter() - t0}
-        print(f"{label}: ppl {row['wikitext2']:.2f}, cmqa {100 * row['cmqa']:.2f} %", flush=True)
+               **{r.task: r.value for r in results}, "task_n": {r.task: r.n for r in results},
+               "eval_s": time.perf_counter() - t0}
+        if args.calib and method != "dense":
+            row["calib"] = args.calib
+        gsm = f", gsm8k {100 * row['gsm8k']:.1f} %" if args.gsm8k else ""
+        print(f"{label}: ppl {row['wikitext2']:.2f}, cmqa {100 * row['cmqa']:.2f} ± {100 * cmqa_se(row, args.limit):.2f}"
+              f" %{gsm}", flush=True)
         return row
 
     dense = [r for r in previous if r["method"] == "dense"]
@@ -144,16 +195,20 @@ def main() -> None:
         base, _, repair = method.partition("+")  # gisp+lsq: gisp's run, each sparsity repaired at the end
         if repair and repair not in REPAIRS:
             raise SystemExit(f"--methods: '{method}': the repair after '+' must be one of {REPAIRS}")
-        out = runs / f"{base}-{round(100 * max(sparsities))}"
+        calibrated = args.calib and base not in CALIBRATION_FREE
+        out = runs / (f"{base}-{round(100 * max(sparsities))}" + (f"-{Path(args.calib).stem}" if calibrated else ""))
         if not (out / "report.json").is_file():
             compile_model(_config(base, args.model, max(sparsities), out, args), overwrite=True,
                           discard_partial=True, loaded=_fresh(original))
         traj = load_trajectory(str(out))
+        compile_s = json.loads((out / "report.json").read_text())["wall_s"]
         for s in sparsities:
             t0 = time.perf_counter()
-            loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), repair=repair or None)
+            loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), dtype=args.dtype,
+                                                    repair=repair or None)
             extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
-            add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, **extra))
+            add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, compile_s=compile_s,
+                        rebuild_s=time.perf_counter() - t0, **extra))
     kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]
     write(rows + kept + fresh, args, time.perf_counter() - started)
 
@@ -162,19 +217,30 @@ def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": args.model, "limit": args.limit, "windows": args.windows, "seed": args.seed,
-           "calib_samples": args.calib_samples, "steps": args.steps, "wall_s": wall_s, "complete": final,
-           "commands": args.commands, "rows": rows}
+           "gsm8k": args.gsm8k, "calib_samples": args.calib_samples, "steps": args.steps, "dtype": args.dtype,
+           "wall_s": wall_s, "complete": final, "commands": args.commands, "rows": rows}
     (out / "quality.json").write_text(json.dumps(doc, indent=1))
-    head = ["method", "sparsity", "params", "wikitext2 ppl", "cmqa avg", *MC_EVAL_TASKS]
+    gsm = ["gsm8k EM"] if args.gsm8k else []
+    head = ["method", "sparsity", "params", "wikitext2 ppl", "cmqa avg ± se", *gsm, *MC_EVAL_TASKS,
+            "compile min", "row min"]
+    windows = "all" if args.windows is None else args.windows
     lines = [f"# Quality on {args.model}", "",
-             f"WikiText-2 test perplexity on {args.windows} evenly spaced 128-token windows; accuracy (acc_norm where "
+             f"WikiText-2 test perplexity on {windows} evenly spaced 128-token windows; accuracy (acc_norm where "
              f"lm-eval reports it, else acc) on a seeded subset of {args.limit} questions per task (seed {args.seed}), "
-             f"the same subset for every row. Wall time {wall_s / 60:.0f} min. Commands: "
-             + "; ".join(f"`{c.strip()}`" for c in args.commands) + ".", "",
+             f"the same subset for every row"
+             + (f"; GSM8K exact match (5-shot, greedy, lm-eval's answer extraction) on {args.gsm8k} problems"
+                if args.gsm8k else "")
+             + f"; weights in {args.dtype}. 'compile min' is the wall time of the run a row is served from (one run "
+             "serves every sparsity of a method), 'row min' the row's own (rebuild, repair, evaluation). Wall time "
+             f"{wall_s / 60:.0f} min. Commands: " + "; ".join(f"`{c.strip()}`" for c in args.commands) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
+        own = r.get("rebuild_s", 0.0) + r["eval_s"]
         cells = [_label(r), f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
-                 f"{100 * r['cmqa']:.1f}", *(f"{100 * r[t]:.1f}" for t in MC_EVAL_TASKS)]
+                 f"{100 * r['cmqa']:.1f} ± {100 * cmqa_se(r, args.limit):.1f}",
+                 *([f"{100 * r['gsm8k']:.1f}" if "gsm8k" in r else "-"] if args.gsm8k else []),
+                 *(f"{100 * r[t]:.1f}" for t in MC_EVAL_TASKS),
+                 f"{r['compile_s'] / 60:.1f}" if r.get("compile_s") else "-", f"{own / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "quality.png", args.model)
@@ -189,7 +255,9 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     dense = next(r for r in rows if r["method"] == "dense")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    gsm = "gsm8k" in dense
+    fig, axes = plt.subplots(1, 3 if gsm else 2, figsize=(15 if gsm else 10, 3.8), dpi=120)
+    ax1, ax2 = axes[0], axes[1]
     for method in dict.fromkeys(_label(r) for r in rows if r["method"] != "dense"):
         pts = sorted([(0.0, dense)] + [(r["sparsity"], r) for r in rows if _label(r) == method],
                      key=lambda p: p[0])
@@ -197,10 +265,14 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
         style = dict(marker="o", lw=2.2 if method.startswith("gisp") else 1.2, label=method)
         ax1.plot(xs, [r["wikitext2"] for _, r in pts], **style)
         ax2.plot(xs, [100 * r["cmqa"] for _, r in pts], **style)
+        if gsm:
+            axes[2].plot(xs, [100 * r.get("gsm8k", float("nan")) for _, r in pts], **style)
     ax1.set_yscale("log")
     ax1.set_ylabel("WikiText-2 perplexity (log)")
     ax2.set_ylabel("7-task commonsense average (%)")
-    for ax in (ax1, ax2):
+    if gsm:
+        axes[2].set_ylabel("GSM8K exact match (%, 5-shot)")
+    for ax in axes:
         ax.set_xlabel("decoder-layer parameter sparsity (%)")
         ax.grid(alpha=0.3, which="both")
     ax2.legend(fontsize=8)

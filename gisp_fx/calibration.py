@@ -90,16 +90,18 @@ def as_calibration(calibration) -> Calibration:
                     f"lm_windows / mc_sequences / custom_objective, got {type(calibration).__name__}")
 
 
-def build_calibration(config: CompileConfig, tokenizer) -> Calibration:
+def build_calibration(config: CompileConfig, tokenizer, windows: int | None = None) -> Calibration:
     """The calibration a compile's settings name: the margin questions of --tasks, or windows of --calib's text: a
-    file, or a bundled text by name (wikitext2, the default; gsm8k: its train split, question + worked answer)."""
+    file, or a bundled text by name (wikitext2, the default; gsm8k: its train split, question + worked answer).
+    `windows` of them (sequences, for margin): the compile's --calib-samples unless given (the repair's count)."""
+    count = config.calib_samples if windows is None else windows
     if config.objective == "margin":
-        return mc_sequences(tokenizer, config.tasks, config.calib_samples, seq_len=config.seq_len, seed=config.seed,
+        return mc_sequences(tokenizer, config.tasks, count, seq_len=config.seq_len, seed=config.seed,
                             bos=config.bos, batch_size=config.batch_size)
     named = datasets.named_text(config.calib or "wikitext2")
     if named is not None:
         text, source = named
-        return lm_windows(tokenizer, text, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
+        return lm_windows(tokenizer, text, windows=count, seq_len=config.seq_len, seed=config.seed,
                           bos=config.bos, batch_size=config.batch_size, source=source)
     path = Path(config.calib)
     if not path.is_file():
@@ -110,5 +112,5 @@ def build_calibration(config: CompileConfig, tokenizer) -> Calibration:
     except UnicodeDecodeError as exc:
         raise GispError(f"--calib: '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); give a plain "
                         "UTF-8 text file (convert it with e.g. `iconv -t utf-8`)") from exc
-    return lm_windows(tokenizer, text, windows=config.calib_samples, seq_len=config.seq_len, seed=config.seed,
+    return lm_windows(tokenizer, text, windows=count, seq_len=config.seq_len, seed=config.seed,
                       bos=config.bos, batch_size=config.batch_size, source=f"calibration file '{path}'")

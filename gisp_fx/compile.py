@@ -75,7 +75,7 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     repair_calib = calib
     if calibration is None and config.repair != "none" and config.repair_windows != config.calib_samples:
         try:
-            repair_calib = build_calibration(replace(config, calib_samples=config.repair_windows), tokenizer)
+            repair_calib = build_calibration(config, tokenizer, windows=config.repair_windows)
         except GispError as exc:
             raise GispError(f"--repair {config.repair} fits on {config.repair_windows} calibration windows "
                             f"(--repair-samples): {exc}") from exc

@@ -154,8 +154,7 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
     require_same_weights(traj.fingerprint, loaded.model, plan0, str(traj.config.get("model")), "materialize")
     calibration = None
     if calib_config:  # the windows the run's repair fitted on (--repair-samples, or block's default)
-        calibration = build_calibration(replace(calib_config, calib_samples=calib_config.repair_windows),
-                                        loaded.tokenizer)
+        calibration = build_calibration(calib_config, loaded.tokenizer, windows=calib_config.repair_windows)
     chunks = [removed]
     if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
         chunks = [tuple(r for r in removed if r in refs) for refs in (set(s.refs()) for s in traj.steps)]

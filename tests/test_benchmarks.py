@@ -82,3 +82,36 @@ def test_calib_budget_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypat
     assert (tmp_path / "budget.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):  # a malformed cell is refused by the parser before anything runs
         _run_script("benchmarks/calib_budget.py", [*common, "run", "--model", model, "--cells", "8by2"], monkeypatch)
+
+
+def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_path, monkeypatch):
+    """--calib gsm8k labels its rows and runs apart, --gsm8k adds exact match to every row, +block repairs."""
+    model = tiny_folder("llama-gqa")
+    out, runs = tmp_path / "quality", tmp_path / "runs"
+    _run_script("benchmarks/quality.py", ["--model", model, "--methods", "gisp,gisp+block", "--sparsities", "0.3",
+                                          "--limit", "2", "--windows", "2", "--calib-samples", "4", "--steps", "2",
+                                          "--calib", "gsm8k", "--gsm8k", "2", "--runs", str(runs),
+                                          "--output", str(out)], monkeypatch)
+    doc = json.loads((out / "quality.json").read_text())
+    assert [(r["method"], r.get("calib")) for r in doc["rows"]] == [
+        ("dense", None), ("gisp", "gsm8k"), ("gisp+block", "gsm8k")]
+    assert all(0 <= r["gsm8k"] <= 1 and r["task_n"]["gsm8k"] == 2 for r in doc["rows"])
+    assert json.loads((runs / "gisp-30-gsm8k" / "report.json").read_text())["config"]["calib"] == "gsm8k"
+    gisp, block = doc["rows"][1:]
+    assert block["wikitext2"] != gisp["wikitext2"] and block["repair"] == "block"
+    assert gisp["compile_s"] == block["compile_s"] > 0  # one run serves both rows
+    md = (out / "quality.md").read_text()
+    assert "| gisp [gsm8k calib] | 3" in md and "gsm8k EM" in md and " ± " in md
+
+
+def test_quality_cmqa_standard_error():
+    """The 7-task average's standard error: sqrt(sum p(1-p)/n) / 7."""
+    from gisp_fx.tasks import MC_EVAL_TASKS
+
+    ns = runpy.run_path("benchmarks/quality.py")  # not run as __main__: only its functions
+    row = {t: 0.5 for t in MC_EVAL_TASKS}
+    assert ns["cmqa_se"](row, 100) == pytest.approx((7 * 0.25 / 100) ** 0.5 / 7)
+    row["task_n"] = {t: 25 for t in MC_EVAL_TASKS}  # each task's own count, where the row recorded it
+    assert ns["cmqa_se"](row, 100) == pytest.approx((7 * 0.25 / 25) ** 0.5 / 7)
+    assert ns["_slug"]("Qwen/Qwen2.5-0.5B") == "qwen-qwen2.5-0.5b" and ns["_slug"]("qwen2.5-coder-0.5b") == \
+        "qwen2.5-coder-0.5b"
