@@ -153,7 +153,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=key)
     ax.axhline(doc["dense_ppl"], color="k", lw=1, ls="--", label="dense")
     ax.axhline(1.5 * doc["dense_ppl"], color="grey", lw=1, ls=":", label="1.5x dense (target)")
-    ax.set_xlabel("recovery tokens")
+    ax.set_xscale("symlog", linthresh=10_000)  # budgets from 10^4 to 10^6 tokens, and the start at 0
+    ax.set_xlabel("recovery tokens (log above 10k)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -209,7 +209,8 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
     save_pruned(student.model, student.tokenizer, partial)
     settings = {**config.to_json(), "data": data, "data_source": source, "bos": bos, "teacher": teacher_spec,
                 "windows_available": len(windows), "tokens_trained": result.tokens, "steps": result.steps,
-                "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "from_run": str(run_path)}
+                "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "from_run": str(run_path),
+                "shared_with_teacher_mb": result.shared_bytes / 2**20}
     traj.recover.append(settings)
     traj.save(partial / TRAJECTORY_DIR)
     report = write_recover_report(partial, run_path, settings, result, before, after,

@@ -108,6 +108,7 @@ class RecoverResult:
     losses: tuple[float, ...]  # mean loss of each optimizer step's batch
     trained_params: int  # parameters the optimizer updated (adapters when LoRA)
     lora_merged: int  # linears whose adapters were merged
+    shared_bytes: int = 0  # the student's frozen tensors held as the teacher's (share_frozen_): memory not copied
 
 
 def trainable(model: nn.Module) -> dict[str, list[str]]:
@@ -122,6 +123,27 @@ def trainable(model: nn.Module) -> dict[str, list[str]]:
         kind = "linears" if isinstance(module, nn.Linear) else "norms" if all(p.ndim == 1 for _, p in own) else "other"
         kinds[kind] += [f"{mod_name}.{n}" if mod_name else n for n, _ in own]
     return kinds
+
+
+def share_frozen_(student: nn.Module, teacher: nn.Module, trained: set[int]) -> int:
+    """Point each frozen parameter of the student that equals the teacher's of the same name (same shape, dtype,
+    device and values: the embeddings and LM head a decoder-layer pruning never touches) at the teacher's tensor, so
+    that one copy is held instead of two; returns the bytes this frees. `trained`: the ids of the parameters the
+    optimizer updates, never shared. Neither model's values change; a tie between the student's embedding and head
+    is kept, since the teacher's two names hold one tensor too."""
+    theirs = dict(teacher.named_parameters(remove_duplicate=False))
+    freed: dict[int, int] = {}
+    for mod_name, module in student.named_modules():
+        for name, mine in list(module._parameters.items()):
+            other = theirs.get(f"{mod_name}.{name}" if mod_name else name)
+            if mine is None or other is None or mine is other or id(mine) in trained:
+                continue
+            if (mine.shape, mine.dtype, mine.device) != (other.shape, other.dtype, other.device):
+                continue
+            if torch.equal(mine, other):
+                module._parameters[name] = other
+                freed[id(mine)] = mine.numel() * mine.element_size()
+    return sum(freed.values())
 
 
 def _schedule(config: RecoverConfig) -> Callable[[int], float]:
@@ -166,6 +188,7 @@ class Recovery:
             raise GispError(f"recover: --train {config.train.value} selects no parameters of this model")
         self.names = names
         self.params = [params[n] for n in names]
+        self.shared_bytes = share_frozen_(student, teacher, {id(p) for p in self.params})
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -242,7 +265,7 @@ class Recovery:
         merged = merge_lora_(self.student)
         self.student.requires_grad_(False)
         return RecoverResult(self.step_index, self.tokens, self.wall_s, self.tokens / max(self.wall_s, 1e-9),
-                             tuple(self.losses), trained, merged)
+                             tuple(self.losses), trained, merged, self.shared_bytes)
 
 
 def recover_(student: nn.Module, teacher: nn.Module, config: RecoverConfig, windows: torch.Tensor, *,
