@@ -108,7 +108,7 @@ class RecoverResult:
     losses: tuple[float, ...]  # mean loss of each optimizer step's batch
     trained_params: int  # parameters the optimizer updated (adapters when LoRA)
     lora_merged: int  # linears whose adapters were merged
-    shared_bytes: int = 0  # the student's frozen tensors held as the teacher's (share_frozen_): memory not copied
+    shared_bytes: int = 0  # the teacher's embedding/head given up for the student's equal ones (share_embeddings_)
 
 
 def trainable(model: nn.Module) -> dict[str, list[str]]:
@@ -125,24 +125,26 @@ def trainable(model: nn.Module) -> dict[str, list[str]]:
     return kinds
 
 
-def share_frozen_(student: nn.Module, teacher: nn.Module, trained: set[int]) -> int:
-    """Point each frozen parameter of the student that equals the teacher's of the same name (same shape, dtype,
-    device and values: the embeddings and LM head a decoder-layer pruning never touches) at the teacher's tensor, so
-    that one copy is held instead of two; returns the bytes this frees. `trained`: the ids of the parameters the
-    optimizer updates, never shared. Neither model's values change; a tie between the student's embedding and head
-    is kept, since the teacher's two names hold one tensor too."""
-    theirs = dict(teacher.named_parameters(remove_duplicate=False))
+def share_embeddings_(student: nn.Module, teacher: nn.Module, trained: set[int]) -> int:
+    """Let the teacher hold the student's input embedding and LM head where they equal its own (same shape, dtype,
+    device and values: a decoder-layer pruning never touches them), so one copy is held instead of two; returns the
+    bytes this frees. The teacher gives its tensors up, not the student: a student read from safetensors holds
+    slices of one mapping that freeing a single tensor does not release (measured), while the teacher's are its
+    own. `trained`: the ids of the parameters the optimizer updates, never shared. No value changes; ties are
+    kept (a tied teacher's two names get the student's one tensor)."""
     freed: dict[int, int] = {}
-    for mod_name, module in student.named_modules():
-        for name, mine in list(module._parameters.items()):
-            other = theirs.get(f"{mod_name}.{name}" if mod_name else name)
-            if mine is None or other is None or mine is other or id(mine) in trained:
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        mine, theirs = getattr(student, get)(), getattr(teacher, get)()
+        if mine is None or theirs is None:
+            continue
+        for name, kept in mine._parameters.items():
+            given = theirs._parameters.get(name)
+            if kept is None or given is None or kept is given or id(kept) in trained:
                 continue
-            if (mine.shape, mine.dtype, mine.device) != (other.shape, other.dtype, other.device):
-                continue
-            if torch.equal(mine, other):
-                module._parameters[name] = other
-                freed[id(mine)] = mine.numel() * mine.element_size()
+            if (kept.shape, kept.dtype, kept.device) == (given.shape, given.dtype, given.device) and \
+                    torch.equal(kept, given):
+                theirs._parameters[name] = kept
+                freed[id(given)] = given.numel() * given.element_size()
     return sum(freed.values())
 
 
@@ -188,7 +190,7 @@ class Recovery:
             raise GispError(f"recover: --train {config.train.value} selects no parameters of this model")
         self.names = names
         self.params = [params[n] for n in names]
-        self.shared_bytes = share_frozen_(student, teacher, {id(p) for p in self.params})
+        self.shared_bytes = share_embeddings_(student, teacher, {id(p) for p in self.params})
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)

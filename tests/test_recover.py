@@ -123,32 +123,37 @@ def test_recovery_lowers_kl_and_never_touches_the_teacher():
     assert not any(p.requires_grad for p in student.parameters())  # frozen again after the run
 
 
-def test_student_holds_the_teachers_untouched_embeddings_instead_of_a_copy(monkeypatch):
-    """The frozen embedding and head equal the teacher's: the student points at the teacher's tensors (one copy in
-    memory), its tie kept, and trains to the same weights as with a copy of its own; a frozen tensor that differs
-    from the teacher's stays the student's."""
+def test_teacher_holds_the_students_untouched_embeddings_instead_of_a_copy(monkeypatch):
+    """The frozen embedding and head equal the teacher's: the teacher holds the student's tensors (one copy in
+    memory), its values unchanged, and the student trains to the same weights as with two copies; an embedding
+    that differs is not shared."""
     import gisp_fx.passes.recover as recover_mod
 
     student, teacher = _pruned_pair()
-    own_copy, differing = copy.deepcopy(student), copy.deepcopy(student)
+    two_copies, differing = copy.deepcopy(student), copy.deepcopy(student)
+    teacher_hash, other_teacher = _hash(teacher), copy.deepcopy(teacher)
+    head_bytes = 4 * teacher.get_output_embeddings().weight.numel()
+    tied = teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
     config = RecoverConfig(tokens=3 * 2 * SEQ, lr=3e-3, batch_tokens=2 * SEQ, seq_len=SEQ)
     run = Recovery(student, teacher, config, _windows(8))
-    emb, head = teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight
-    assert student.get_input_embeddings().weight is emb and student.get_output_embeddings().weight is head
-    assert run.shared_bytes == 4 * emb.numel() + (4 * head.numel() if head is not emb else 0)
+    assert teacher.get_input_embeddings().weight is student.get_input_embeddings().weight
+    assert teacher.get_output_embeddings().weight is student.get_output_embeddings().weight
+    assert run.shared_bytes == 4 * teacher.get_input_embeddings().weight.numel() + (0 if tied else head_bytes)
     while not run.done:
         run.step()
     run.finish()
-    monkeypatch.setattr(recover_mod, "share_frozen_", lambda *args: 0)  # the same run, the student keeping its own
-    recover_(own_copy, teacher, config, _windows(8))
-    assert own_copy.get_input_embeddings().weight is not emb
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), own_copy.state_dict().values()))
+    assert _hash(teacher) == teacher_hash
+    monkeypatch.setattr(recover_mod, "share_embeddings_", lambda *args: 0)  # the same run with two copies
+    recover_(two_copies, other_teacher, config, _windows(8))
+    assert other_teacher.get_input_embeddings().weight is not two_copies.get_input_embeddings().weight
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), two_copies.state_dict().values()))
     monkeypatch.undo()
     with torch.no_grad():
         differing.get_input_embeddings().weight[0, 0] += 1.0
-    # the embedding is the student's own; an untied head that still equals the teacher's is shared alone
-    assert Recovery(differing, teacher, config, _windows(8)).shared_bytes == (4 * head.numel() if head is not emb else 0)
-    assert differing.get_input_embeddings().weight is not emb
+    fresh_teacher = copy.deepcopy(other_teacher)
+    # the embedding stays the teacher's own; an untied head that still equals the teacher's is shared alone
+    assert Recovery(differing, fresh_teacher, config, _windows(8)).shared_bytes == (0 if tied else head_bytes)
+    assert fresh_teacher.get_input_embeddings().weight is not differing.get_input_embeddings().weight
 
 
 def test_train_selection_keeps_embeddings_and_head_frozen():
