@@ -99,7 +99,8 @@ def run_end(args) -> None:
                          "calib": mine, **_settings_row(settings), "params": sum(p.numel() for p in model.parameters()),
                          "ppl": ppl.ppl, "windows": ppl.subset, "repair_wall_s": wall, "repair_cpu_s": cpu,
                          **({"block_error": [records[0]["error_before"], records[0]["error_after"]],
-                             "block_reverted": records[0]["reverted"]} if settings.mode == "block" else {}),
+                             "block_reverted": records[0]["reverted"],
+                             "block_sublayers": records[0]["trained"]} if settings.mode == "block" else {}),
                          "load": [load0, os.getloadavg()[0]],
                          **({"note": ("block, %d epochs at lr %g" % (settings.epochs, settings.lr)
                                       if settings.mode == "block" else "one pass")
