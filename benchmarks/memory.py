@@ -66,7 +66,7 @@ def run_one(name: str, mode: str, windows: int, save: str | None = None) -> dict
     removals saved to `save` for the comparison across modes)."""
     from gisp_fx.passes.importance import LmCalibration, score
     from gisp_fx.memory import lean_heap_
-    from gisp_fx.prune import free_memory
+    from gisp_fx.memory import free_memory
     from gisp_fx.passes.analyse import analyse
 
     options = dict(MODES[mode])

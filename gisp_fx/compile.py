@@ -25,7 +25,8 @@ from gisp_fx.passes.analyse import analyse
 from gisp_fx.preflight import check_calibration_positions
 from gisp_fx.passes.repair import check_calibration
 from gisp_fx.passes.select import parse_protect
-from gisp_fx.prune import StepFailed, check_target, free_memory, prune_
+from gisp_fx.memory import free_memory
+from gisp_fx.prune import StepFailed, check_target, prune_
 from gisp_fx.report import write_report
 from gisp_fx.rundir import TRAJECTORY_DIR, dense_perplexity, prepare_output, publish, resumable
 from gisp_fx.save import save_pruned

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 MMAP_THRESHOLD = 1 << 20  # allocations of 1 MiB and more get their own mapping, returned to the system when freed
 
 
@@ -46,6 +48,17 @@ def lean_heap_() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MMAP_THRESHOLD))
+
+
+def free_memory() -> None:
+    """Return a step's freed gradients and activations to the system: collect cycles, empty the CUDA cache, and
+    ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim_()
 
 
 def trim_() -> None:

@@ -7,13 +7,11 @@ is a layer over this."""
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -21,7 +19,7 @@ from gisp_fx.calibration import as_calibration
 from gisp_fx.config import Checkpoint, CompileConfig, GispConfig
 from gisp_fx.errors import GispError
 from gisp_fx.fingerprint import require_same_weights, weights_fingerprint
-from gisp_fx.memory import free_bytes, scoring_bytes, trim_
+from gisp_fx.memory import free_bytes, free_memory, scoring_bytes
 from gisp_fx.methods import StepInput, run_step
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import LmCalibration, Scores
@@ -55,15 +53,6 @@ class PruneResult:
     def sparsity(self) -> float:
         """Removed decoder-layer parameters / the dense model's decoder-layer parameters."""
         return (self.plan0.decoder_params - self.plan.decoder_params) / self.plan0.decoder_params
-
-
-def free_memory() -> None:
-    """Return a step's freed gradients and activations to the system: collect cycles, empty the CUDA cache, and
-    ask glibc to give back its free heap (else the next step's peak stacks on this one's leftovers)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim_()
 
 
 def use_checkpoint(config: GispConfig, model: nn.Module, calib) -> bool:

@@ -7,7 +7,6 @@ normal gisp-fx model folder with its trajectory (recovery recorded), report.md/j
 
 from __future__ import annotations
 
-import gc
 import json
 import pickle
 import shutil
@@ -23,7 +22,7 @@ from gisp_fx.device import resolve
 from gisp_fx.errors import GispError
 from gisp_fx.evaluate import wikitext2_perplexity
 from gisp_fx.loading import LoadedModel, load_model
-from gisp_fx.memory import peak_rss_mb, reset_peak_rss, trim_
+from gisp_fx.memory import free_memory, peak_rss_mb, reset_peak_rss
 from gisp_fx.passes.recover import Recovery, RecoverConfig, RecoverResult, recover_
 from gisp_fx.recover_report import write_recover_report
 from gisp_fx.save import check_output_folder, save_pruned
@@ -202,8 +201,7 @@ def recover_run(run_dir: str, output: str, config: RecoverConfig, *, data: str =
     # the training's own peak (student, teacher, optimizer, activations) apart from the evaluations' around it;
     # the loads' and the evaluation's freed temporaries handed back first, so that they do not count in it
     peak_before = peak_rss_mb()
-    gc.collect()
-    trim_()
+    free_memory()
     fresh = reset_peak_rss()
     result = recover_(student.model, dense.model, config, windows, state=state, on_step=on_step)
     train_peak = peak_rss_mb() if fresh else None
