@@ -20,7 +20,9 @@ on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` doe
 
 `--calib gsm8k` (or a text file) calibrates every method of the invocation on that text instead of WikiText-2; its
 rows are labelled with it and kept apart from the WikiText-calibrated ones (the runs too), so `--append` puts both in
-one table. `--gsm8k N` adds GSM8K exact match (5-shot, greedy, N problems, batched torch generation) to every row.
+one table. `--gsm8k N` adds GSM8K exact match (5-shot, greedy, N problems, batched torch generation) to every row
+(`--gsm8k-up-to S`: to the rows up to sparsity S). A run compiled to a higher target serves a later invocation's lower
+sparsities, so `--sparsities 0.4,0.5` and then `--append --sparsities 0.2,0.3` compile each method once.
 The 7-task average is printed with its standard error (of a mean of 7 binomial proportions); every row records the
 compile's wall time (of the run it is served from) and its own (rebuild, repair and evaluation).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,6 +75,16 @@ def _slug(model: str) -> str:
     if Path(model).exists():
         return Path(model).resolve().name.lower()
     return "-".join(part for part in model.strip("/").lower().split("/")[-2:] if part)
+
+
+def _run_dir(runs: Path, method: str, target: float, calib: str = "") -> Path:
+    """Where METHOD's run for `target` is: the finished run of the lowest target at or above it (every run serves
+    its lower sparsities exactly, see the docstring), else a new `METHOD-PCT[-CALIB]` for a compile to `target`."""
+    suffix = f"-{calib}" if calib else ""
+    done = sorted((int(m.group(1)), p) for p in runs.glob(f"{method}-*{suffix}")
+                  if (m := re.fullmatch(rf"{re.escape(method)}-(\d+){re.escape(suffix)}", p.name))
+                  and (p / "report.json").is_file())
+    return next((p for pct, p in done if pct >= round(100 * target)), runs / f"{method}-{round(100 * target)}{suffix}")
 
 
 def _windows(text: str) -> int | None:
@@ -125,6 +138,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40, help="questions per QA task (seeded subset)")
     ap.add_argument("--windows", type=_windows, default=128, help="WikiText-2 test windows (evenly spaced; 'all')")
     ap.add_argument("--gsm8k", type=int, default=0, help="GSM8K problems per row (5-shot exact match; 0: not measured)")
+    ap.add_argument("--gsm8k-up-to", type=float, default=1.0, help="measure GSM8K only on the rows whose target "
+                    "sparsity is at most this (the dense row always); the others show '-'")
     ap.add_argument("--calib", default=None, help="calibration text of every method here: gsm8k, wikitext2 or a file "
                     "(default wikitext2; rows of another text are labelled with it)")
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -145,6 +160,8 @@ def main() -> None:
     args.calib = None if args.calib == "wikitext2" else args.calib
     if args.gsm8k < 0:
         raise SystemExit(f"--gsm8k: {args.gsm8k}; give a number of problems (0: not measured)")
+    if not 0.0 <= args.gsm8k_up_to <= 1.0:
+        raise SystemExit(f"--gsm8k-up-to: {args.gsm8k_up_to}; give a sparsity between 0 and 1")
 
     methods = args.methods.split(",")
     sparsities = sorted(float(x) for x in args.sparsities.split(","))
@@ -156,7 +173,7 @@ def main() -> None:
     def measure(label: str, method: str, target: float, loaded: LoadedModel, sparsity: float, **extra) -> dict:
         t0 = time.perf_counter()
         results = evaluate(loaded.model, loaded.tokenizer, tasks, args.limit, args.seed, windows=args.windows)
-        if args.gsm8k:
+        if args.gsm8k and target <= args.gsm8k_up_to + 1e-9:
             results.append(gsm8k_exact_match(loaded.model, loaded.tokenizer, args.gsm8k, args.seed))
         row = {"method": method, "target": target, "sparsity": sparsity, **extra,
                "params": sum(p.numel() for p in loaded.model.parameters()),
@@ -164,7 +181,7 @@ def main() -> None:
                "eval_s": time.perf_counter() - t0}
         if args.calib and method != "dense":
             row["calib"] = args.calib
-        gsm = f", gsm8k {100 * row['gsm8k']:.1f} %" if args.gsm8k else ""
+        gsm = f", gsm8k {100 * row['gsm8k']:.1f} %" if "gsm8k" in row else ""
         print(f"{label}: ppl {row['wikitext2']:.2f}, cmqa {100 * row['cmqa']:.2f} ± {100 * cmqa_se(row, args.limit):.2f}"
               f" %{gsm}", flush=True)
         return row
@@ -196,7 +213,7 @@ def main() -> None:
         if repair and repair not in REPAIRS:
             raise SystemExit(f"--methods: '{method}': the repair after '+' must be one of {REPAIRS}")
         calibrated = args.calib and base not in CALIBRATION_FREE
-        out = runs / (f"{base}-{round(100 * max(sparsities))}" + (f"-{Path(args.calib).stem}" if calibrated else ""))
+        out = _run_dir(runs, base, max(sparsities), Path(args.calib).stem if calibrated else "")
         if not (out / "report.json").is_file():
             compile_model(_config(base, args.model, max(sparsities), out, args), overwrite=True,
                           discard_partial=True, loaded=_fresh(original))

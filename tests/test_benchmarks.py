@@ -85,23 +85,29 @@ def test_calib_budget_benchmark_on_a_tiny_model(tiny_folder, tmp_path, monkeypat
 
 
 def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_path, monkeypatch):
-    """--calib gsm8k labels its rows and runs apart, --gsm8k adds exact match to every row, +block repairs."""
+    """--calib gsm8k labels its rows and runs apart, --gsm8k adds exact match to the rows up to --gsm8k-up-to,
+    +block repairs, and a later --append at a lower sparsity is served from the existing run."""
     model = tiny_folder("llama-gqa")
     out, runs = tmp_path / "quality", tmp_path / "runs"
-    _run_script("benchmarks/quality.py", ["--model", model, "--methods", "gisp,gisp+block", "--sparsities", "0.3",
-                                          "--limit", "2", "--windows", "2", "--calib-samples", "4", "--steps", "2",
-                                          "--calib", "gsm8k", "--gsm8k", "2", "--runs", str(runs),
-                                          "--output", str(out)], monkeypatch)
+    common = ["--model", model, "--limit", "2", "--windows", "2", "--calib-samples", "4", "--steps", "2",
+              "--calib", "gsm8k", "--gsm8k", "2", "--gsm8k-up-to", "0.2", "--runs", str(runs), "--output", str(out)]
+    _run_script("benchmarks/quality.py", [*common, "--methods", "gisp,gisp+block", "--sparsities", "0.3"], monkeypatch)
     doc = json.loads((out / "quality.json").read_text())
     assert [(r["method"], r.get("calib")) for r in doc["rows"]] == [
         ("dense", None), ("gisp", "gsm8k"), ("gisp+block", "gsm8k")]
-    assert all(0 <= r["gsm8k"] <= 1 and r["task_n"]["gsm8k"] == 2 for r in doc["rows"])
+    dense, gisp, block = doc["rows"]
+    assert 0 <= dense["gsm8k"] <= 1 and dense["task_n"]["gsm8k"] == 2
+    assert "gsm8k" not in gisp and "gsm8k" not in block  # above --gsm8k-up-to
     assert json.loads((runs / "gisp-30-gsm8k" / "report.json").read_text())["config"]["calib"] == "gsm8k"
-    gisp, block = doc["rows"][1:]
     assert block["wikitext2"] != gisp["wikitext2"] and block["repair"] == "block"
     assert gisp["compile_s"] == block["compile_s"] > 0  # one run serves both rows
     md = (out / "quality.md").read_text()
-    assert "| gisp [gsm8k calib] | 3" in md and "gsm8k EM" in md and " ± " in md
+    assert "| gisp [gsm8k calib] | 3" in md and "gsm8k EM" in md and " ± " in md and "| - |" in md
+    _run_script("benchmarks/quality.py", [*common, "--append", "--methods", "gisp", "--sparsities", "0.2"], monkeypatch)
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    low = [r for r in rows if r["method"] == "gisp" and r["target"] == 0.2]
+    assert len(rows) == 4 and len(low) == 1 and low[0]["compile_s"] == gisp["compile_s"]  # the 30 % run served it
+    assert 0 <= low[0]["gsm8k"] <= 1 and not (runs / "gisp-20-gsm8k").exists()
 
 
 def test_quality_cmqa_standard_error():
