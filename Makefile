@@ -96,7 +96,7 @@ quality: $(STAMP)
 
 # the Qwen2.5-Coder quality tables (bf16; 100 questions per task, 256 windows, GSM8K 200 problems on the rows up to
 # 30 %), one invocation per group of rows so that a stopped run keeps what it measured; each method compiles once.
-# Hours on 2 CPU cores (one 0.5B row with GSM8K about 25 min, without 6 min; a GISP compile about 30 min)
+# Hours on 2 CPU cores (one 0.5B row with GSM8K about 25 min, without about 7 min; a 0.5B GISP compile 15 min)
 QWEN_Q = $(BIN)/python benchmarks/quality.py --dtype bfloat16 --limit 100 --windows 256 --gsm8k 200 --gsm8k-up-to 0.3
 quality-qwen: $(STAMP) fetch-models
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.4,0.5
