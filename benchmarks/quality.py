@@ -38,6 +38,7 @@ import json
 import re
 import sys
 import time
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -85,6 +86,27 @@ def _run_dir(runs: Path, method: str, target: float, calib: str = "") -> Path:
                   if (m := re.fullmatch(rf"{re.escape(method)}-(\d+){re.escape(suffix)}", p.name))
                   and (p / "report.json").is_file())
     return next((p for pct, p in done if pct >= round(100 * target)), runs / f"{method}-{round(100 * target)}{suffix}")
+
+
+# the settings a reused run must share with this invocation (its target may be higher: it serves lower sparsities)
+SHARED_SETTINGS = ("model", "method", "objective", "tasks", "steps", "calib", "calib_samples", "seq_len",
+                   "batch_size", "seed", "dtype", "normalize", "protect", "bos")
+
+
+def _check_settings(run: Path, stored: dict, wanted: CompileConfig) -> None:
+    """Refuse a finished run in --runs that was compiled with other settings than this invocation's (another
+    --steps, --calib-samples, --dtype or --seed): its rows would be labelled with settings they were not made with."""
+    mine = dataclasses.asdict(wanted)
+    differ = {k: (stored.get(k), mine[k]) for k in SHARED_SETTINGS
+              if k in mine and _comparable(stored.get(k)) != _comparable(mine[k])}
+    if differ:
+        said = ", ".join(f"{k} {theirs!r} (this invocation {ours!r})" for k, (theirs, ours) in differ.items())
+        raise SystemExit(f"--runs: {run} was compiled with {said}; pass a new --runs folder, or remove {run} "
+                         "to compile it again")
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _windows(text: str) -> int | None:
@@ -218,6 +240,7 @@ def main() -> None:
             compile_model(_config(base, args.model, max(sparsities), out, args), overwrite=True,
                           discard_partial=True, loaded=_fresh(original))
         traj = load_trajectory(str(out))
+        _check_settings(out, traj.config, _config(base, args.model, max(sparsities), out, args))
         compile_s = json.loads((out / "report.json").read_text())["wall_s"]
         for s in sparsities:
             t0 = time.perf_counter()

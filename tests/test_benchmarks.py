@@ -108,6 +108,11 @@ def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_pat
     low = [r for r in rows if r["method"] == "gisp" and r["target"] == 0.2]
     assert len(rows) == 4 and len(low) == 1 and low[0]["compile_s"] == gisp["compile_s"]  # the 30 % run served it
     assert 0 <= low[0]["gsm8k"] <= 1 and not (runs / "gisp-20-gsm8k").exists()
+    steps3 = [("--steps" if a == "--steps" else "3" if prev == "--steps" else a) for prev, a in zip(["", *common], common)]
+    with pytest.raises(SystemExit, match=r"gisp-30-gsm8k was compiled with steps 2 \(this invocation 3\)"):
+        _run_script("benchmarks/quality.py", [*steps3, "--append", "--methods", "gisp", "--sparsities", "0.2"],
+                    monkeypatch)  # a run made with other settings does not serve rows labelled with these
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows  # and the table is untouched
 
 
 def test_quality_cmqa_standard_error():
