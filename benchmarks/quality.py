@@ -17,6 +17,8 @@ on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiTex
 
 A method written `METHOD+lsq` (or `+bias`, `+block`) reuses METHOD's run and repairs each sparsity's model at the end,
 on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (block on its 256 windows).
+`gisp-ra` is gisp with `--repair-aware` scores (each group's score weighted by what an lsq repair could not rebuild),
+so `gisp-ra+lsq` is the selection made for the repair that follows it.
 
 `--calib gsm8k` (or a text file) calibrates every method of the invocation on that text instead of WikiText-2; its
 rows are labelled with it and kept apart from the WikiText-calibrated ones (the runs too), so `--append` puts both in
@@ -55,9 +57,11 @@ MARGIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande")
 
 def _config(method: str, model: str, sparsity: float, out: Path, args, pg_iters: int | None = None
             ) -> CompileConfig:
-    margin = method == "gisp-margin"
-    base = "gisp" if margin else method
+    margin, aware = method == "gisp-margin", method == "gisp-ra"  # gisp-ra: gisp with --repair-aware scores
+    base = "gisp" if margin or aware else method
     extra = {"steps": args.steps} if base == "gisp" else {}  # the settings a method ignores are refused
+    if aware:
+        extra["repair_aware"] = True
     if base == "pg":
         extra["pg_iters"] = pg_iters
     if base not in CALIBRATION_FREE:
@@ -90,15 +94,16 @@ def _run_dir(runs: Path, method: str, target: float, calib: str = "") -> Path:
 
 # the settings a reused run must share with this invocation (its target may be higher: it serves lower sparsities)
 SHARED_SETTINGS = ("model", "method", "objective", "tasks", "steps", "calib", "calib_samples", "seq_len",
-                   "batch_size", "seed", "dtype", "normalize", "protect", "bos")
+                   "batch_size", "seed", "dtype", "normalize", "protect", "bos", "repair_aware")
 
 
 def _check_settings(run: Path, stored: dict, wanted: CompileConfig) -> None:
     """Refuse a finished run in --runs that was compiled with other settings than this invocation's (another
     --steps, --calib-samples, --dtype or --seed): its rows would be labelled with settings they were not made with."""
     mine = dataclasses.asdict(wanted)
-    differ = {k: (stored.get(k), mine[k]) for k in SHARED_SETTINGS
-              if k in mine and _comparable(stored.get(k)) != _comparable(mine[k])}
+    default = {f.name: f.default for f in dataclasses.fields(CompileConfig)}  # a run recorded before a setting existed
+    differ = {k: (stored.get(k, default[k]), mine[k]) for k in SHARED_SETTINGS
+              if k in mine and _comparable(stored.get(k, default[k])) != _comparable(mine[k])}
     if differ:
         said = ", ".join(f"{k} {theirs!r} (this invocation {ours!r})" for k, (theirs, ours) in differ.items())
         raise SystemExit(f"--runs: {run} was compiled with {said}; pass a new --runs folder, or remove {run} "

@@ -48,6 +48,7 @@ def _compile(args: argparse.Namespace) -> None:
     defaults = {f.name: f.default for f in fields(CompileConfig)}
     given = {k for k in OPTIONAL_FLAGS if getattr(args, k) is not None} | ({"oneshot"} if args.oneshot else set())
     given |= {"shard"} if args.shard else set()
+    given |= {"repair_aware"} if args.repair_aware else set()
     given |= {"memory_budget_gb"} if args.memory_budget_gb is not None else set()
     flag = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in OPTIONAL_FLAGS}
     config = CompileConfig(
@@ -58,6 +59,7 @@ def _compile(args: argparse.Namespace) -> None:
         eval_windows=args.eval_windows, bos=args.bos, **{k: flag[k] for k in PG_FLAGS},
         checkpoint=args.checkpoint, memory_budget_gb=args.memory_budget_gb, device=args.device, dtype=args.dtype, shard=args.shard,
         repair=flag["repair"], repair_at=flag["repair_at"], repair_samples=flag["repair_samples"],
+        repair_aware=args.repair_aware,
     )
     config.validate(frozenset(given))
     if args.recover_tokens is not None and args.recover_tokens < 1:
@@ -224,6 +226,10 @@ def add_compile_commands(sub) -> None:
                         "bias (the removed inputs' mean contribution added to o_proj/down_proj biases), lsq (the "
                         "kept input columns re-fitted in closed form) or block (lsq, then each pruned attention and MLP "
                         "trained to the dense sublayer's output); not for magnitude/random or --objective margin")
+    p.add_argument("--repair-aware", action="store_true",
+                   help="gisp/oneshot: weight each head's and channel's score by the share of its output that a "
+                        "least-squares repair could not rebuild from the groups that stay (ranks duplicated groups "
+                        "first; one extra forward pass per step)")
     p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")

@@ -93,6 +93,8 @@ class GispConfig:
     checkpoint: str = Checkpoint.AUTO.value
     memory_budget_gb: float | None = None  # checkpoint auto: the budget (default: half the free memory)
     shard: bool = False
+    # gisp/oneshot: each head's and channel's score weighted by the share of its output an lsq repair could not rebuild
+    repair_aware: bool = False
 
     def validate(self) -> "GispConfig":
         if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool):
@@ -115,6 +117,9 @@ class GispConfig:
                             "comma-separated layer indices, or leave the flag out for the default")
         if self.effective_method is Method.PG:
             self.pg_config().validate()
+        if self.repair_aware and self.effective_method not in (Method.GISP, Method.ONESHOT):
+            raise GispError(f"--repair-aware weights the global ranking of gisp and oneshot; --method "
+                            f"{self.effective_method.value} does not rank globally: use --method gisp or oneshot")
         if self.repair != "none" and self.effective_method.calibration_free:
             raise GispError(f"--repair {self.repair} re-fits weights on language-model calibration windows; "
                             f"--method {self.method} uses none: use a calibrated method, or --repair none")
@@ -177,6 +182,7 @@ class CompileConfig:
     # windows of the repair's own calibration, drawn from the same text (default: --calib-samples; block: 256)
     repair_samples: int | None = None
     shard: bool = False  # score on an FSDP2 copy whose decoder layers are sharded across the torchrun processes
+    repair_aware: bool = False  # gisp/oneshot: scores weighted by what an lsq repair could not rebuild (passes/repair_aware.py)
 
     def validate(self, given: frozenset[str] | None = None) -> "CompileConfig":
         """Check every setting; `given` names the settings the user set (default: those that differ from their
@@ -236,6 +242,9 @@ class CompileConfig:
         if "repair_at" in given and (self.repair == "none" or self.schedule_steps == 1):
             out.append("--repair-at applies to --repair bias|lsq|block with iterative gisp; "
                        + ("--repair is none" if self.repair == "none" else f"--method {method} prunes in one step"))
+        if "repair_aware" in given and self.objective != "ppl":
+            out.append(f"--repair-aware fits on language-model windows; --objective {self.objective} calibrates on "
+                       "multiple-choice questions")
         if "repair_samples" in given and self.repair == "none":
             out.append("--repair-samples sets the repair's calibration; --repair is none")
         pg = sorted(name for name in given if name.startswith("pg_"))
@@ -259,7 +268,8 @@ class CompileConfig:
                              seed=config.seed, pg_iters=pg.iters, pg_samples=pg.samples, pg_lr=pg.lr,
                              pg_init=pg.init, pg_groups=pg.granularity, pg_budget=pg.budget, pg_penalty=pg.penalty,
                              checkpoint=config.checkpoint, memory_budget_gb=config.memory_budget_gb,
-                             repair=config.repair, repair_at=config.repair_at, shard=config.shard)
+                             repair=config.repair, repair_at=config.repair_at, shard=config.shard,
+                             repair_aware=config.repair_aware)
 
     def gisp(self) -> GispConfig:
         """The pruning settings of this compile."""
@@ -267,7 +277,7 @@ class CompileConfig:
                       granularity=self.pg_groups, budget=self.pg_budget, penalty=self.pg_penalty, seed=self.seed)
         return GispConfig(self.sparsity, self.method, self.steps, self.oneshot, self.normalize, self.protect,
                           self.seed, self.repair, self.repair_at, pg, self.checkpoint, self.memory_budget_gb,
-                          self.shard)
+                          self.shard, self.repair_aware)
 
     @property
     def effective_method(self) -> str:

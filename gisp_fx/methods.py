@@ -15,6 +15,7 @@ from gisp_fx.errors import GispError
 from gisp_fx.passes.baselines import magnitude_scores, random_scores, wanda_sp_scores
 from gisp_fx.passes.importance import LmCalibration, Scores, score
 from gisp_fx.passes.pg import pg_prune, select_by_probability
+from gisp_fx.passes.repair_aware import repair_aware, unrecoverable_shares
 from gisp_fx.passes.select import Normalize, groups_to_reach, rank, select, select_uniform
 from gisp_fx.plan import GroupPlan, Selection
 from gisp_fx.sharded import sharded_score
@@ -49,6 +50,13 @@ def _gradient(s: StepInput) -> Scores:
         return sharded_score(s.model, s.plan, s.calib, progress=s.progress, desc=desc, checkpoint=s.checkpoint,
                              device=device, skip=s.protect)
     return score(s.model, s.plan, s.calib, progress=s.progress, desc=desc, checkpoint=s.checkpoint, skip=s.protect)
+
+
+def _repair_aware(s: StepInput) -> Scores:
+    """Loss-gradient scores, each weighted by the share of its group's output an lsq repair could not rebuild."""
+    scores = _gradient(s)
+    heads, channels = unrecoverable_shares(s.model, s.plan, s.calib, s.protect, progress=s.progress)
+    return repair_aware(s.plan, scores, heads, channels)
 
 
 def _wanda(s: StepInput) -> Scores:
@@ -100,5 +108,5 @@ def run_step(s: StepInput) -> tuple[Scores, Selection]:
     method = s.config.effective_method
     if method is Method.PG:
         return _pg_step(s)
-    scores = SCORERS[method](s)
+    scores = (_repair_aware if s.config.repair_aware else SCORERS[method])(s)
     return scores, choose(s, scores)
