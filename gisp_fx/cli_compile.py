@@ -227,9 +227,9 @@ def add_compile_commands(sub) -> None:
                         "kept input columns re-fitted in closed form) or block (lsq, then each pruned attention and MLP "
                         "trained to the dense sublayer's output); not for magnitude/random or --objective margin")
     p.add_argument("--repair-aware", action="store_true",
-                   help="gisp/oneshot: weight each head's and channel's score by the share of its output that a "
-                        "least-squares repair could not rebuild from the groups that stay (ranks duplicated groups "
-                        "first; one extra forward pass per step)")
+                   help="gisp/oneshot: weight each head's and channel's score by the square root of the share of its "
+                        "output that a least-squares repair could not rebuild from the groups that stay (duplicated "
+                        "groups go first; one extra forward pass per step; see docs/repair.md)")
     p.add_argument("--repair-at", choices=REPAIR_AT,
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
