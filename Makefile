@@ -102,7 +102,7 @@ quality-qwen: $(STAMP) fetch-models
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.4,0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp,wanda-sp --sparsities 0.2,0.3
-	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin,gisp+block,wanda-sp+block --sparsities 0.4,0.5
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin,gisp+block,wanda-sp+block,gisp-ra+lsq --sparsities 0.4,0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-1.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3,0.5
 	$(QWEN_Q) --model qwen2.5-coder-1.5b --append --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3
