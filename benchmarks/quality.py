@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import sys
 import time
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -103,7 +103,7 @@ def _check_settings(run: Path, stored: dict, wanted: CompileConfig) -> None:
     mine = dataclasses.asdict(wanted)
     default = {f.name: f.default for f in dataclasses.fields(CompileConfig)}  # a run recorded before a setting existed
     differ = {k: (stored.get(k, default[k]), mine[k]) for k in SHARED_SETTINGS
-              if k in mine and _comparable(stored.get(k, default[k])) != _comparable(mine[k])}
+              if _comparable(stored.get(k, default[k])) != _comparable(mine[k])}
     if differ:
         said = ", ".join(f"{k} {theirs!r} (this invocation {ours!r})" for k, (theirs, ours) in differ.items())
         raise SystemExit(f"--runs: {run} was compiled with {said}; pass a new --runs folder, or remove {run} "
@@ -241,11 +241,11 @@ def main() -> None:
             raise SystemExit(f"--methods: '{method}': the repair after '+' must be one of {REPAIRS}")
         calibrated = args.calib and base not in CALIBRATION_FREE
         out = _run_dir(runs, base, max(sparsities), Path(args.calib).stem if calibrated else "")
+        wanted = _config(base, args.model, max(sparsities), out, args)
         if not (out / "report.json").is_file():
-            compile_model(_config(base, args.model, max(sparsities), out, args), overwrite=True,
-                          discard_partial=True, loaded=_fresh(original))
+            compile_model(wanted, overwrite=True, discard_partial=True, loaded=_fresh(original))
         traj = load_trajectory(str(out))
-        _check_settings(out, traj.config, _config(base, args.model, max(sparsities), out, args))
+        _check_settings(out, traj.config, wanted)
         compile_s = json.loads((out / "report.json").read_text())["wall_s"]
         for s in sparsities:
             t0 = time.perf_counter()
