@@ -15,7 +15,7 @@ from gisp_fx.config import CompileConfig, GispConfig
 from gisp_fx.errors import GispError
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import LmCalibration, score
-from gisp_fx.passes.repair_aware import group_residuals, repair_aware, unrecoverable_shares
+from gisp_fx.passes.repair_aware import gram_runs, group_residuals, repair_aware, unrecoverable_shares
 from gisp_fx.plan import Axis, Member
 from gisp_fx.prune import prune_
 
@@ -107,3 +107,22 @@ def test_repair_aware_refuses_the_margin_objective():
     config = CompileConfig("m", 0.3, "out", objective="margin", tasks=("arc_easy",), repair_aware=True)
     with pytest.raises(GispError, match="--repair-aware fits on language-model windows"):
         config.validate()
+
+
+def test_gram_runs_hold_at_most_the_budget():
+    width = {"a": 4, "b": 4, "c": 8, "d": 2}  # 128, 128, 512, 32 bytes of fp64 Gram
+    assert gram_runs(width, 256) == [["a", "b"], ["c"], ["d"]]  # c alone exceeds the budget: a run of its own
+    assert gram_runs(width, 10**9) == [["a", "b", "c", "d"]]
+    assert gram_runs(width, 1) == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_shares_do_not_depend_on_the_gram_budget():
+    """One forward pass holding every Gram, or a pass per consumer that stops after its layer: the same shares."""
+    model = _duplicated()
+    plan, calib = analyse(model), LmCalibration(tokens(12, 16, seed=2), batch_size=4)
+    whole = unrecoverable_shares(model, plan, calib, budget=10**12)
+    apart = unrecoverable_shares(model, plan, calib, budget=1)
+    for one, other in zip(whole, apart):
+        assert set(one) == set(other) == {0, 1, 2}
+        for layer in one:
+            np.testing.assert_allclose(one[layer], other[layer], rtol=1e-12, atol=0)
