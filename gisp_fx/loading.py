@@ -206,10 +206,23 @@ def _note_stale_runtime(where: str) -> None:
               "from_pretrained(..., trust_remote_code=True)", file=sys.stderr)
 
 
+def _dequantizing(kwargs: dict) -> dict:
+    """`kwargs` for a GGUF file asking transformers to unpack every weight into a plain tensor: from 5.25 on it keeps
+    quantized blocks packed (GgufLinear) when the `kernels` package is installed, and the passes rewrite plain
+    nn.Linear weights. Earlier releases always unpack and have no such switch."""
+    import transformers
+
+    config = getattr(transformers, "GgufConfig", None)
+    if "gguf_file" not in kwargs or config is None:
+        return kwargs
+    return {**kwargs, "quantization_config": config(dequantize=True)}
+
+
 def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtype, pruned: bool):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    kwargs = _dequantizing(kwargs)
     try:
         if pruned:
             from gisp_fx.modeling_gisp import check_structure
@@ -230,6 +243,10 @@ def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtyp
     _require_no_extra_weights(spec, where, info)
     _require_finite(spec, where, model)
     if "gguf_file" in kwargs:
+        packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+        if packed:
+            raise GispError(f"model '{spec}': transformers kept GGUF weights packed ({', '.join(packed)}); gisp-fx "
+                            "prunes plain weights. Upgrade gisp-fx or uninstall the `kernels` package")
         # GGUF weights arrive dequantised; drop the quantiser so that save_pretrained writes plain tensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -95,6 +95,20 @@ def test_smollm2_inspect_and_save(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again.model(input_ids=ids).logits)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(projections))
+
+
+def test_gguf_weights_are_asked_for_unpacked(monkeypatch):
+    """transformers 5.25+ keeps quantized GGUF blocks packed where the `kernels` package is installed: the loader asks
+    for plain tensors; an older transformers (no GgufConfig) always unpacks and gets the kwargs unchanged."""
+    from gisp_fx.loading import _dequantizing
+
+    assert _dequantizing({"token": None}) == {"token": None}  # not a GGUF
+    if hasattr(transformers, "GgufConfig"):
+        asked = _dequantizing({"gguf_file": "m.gguf"})
+        assert asked["gguf_file"] == "m.gguf" and asked["quantization_config"].dequantize is True
+    monkeypatch.setattr(transformers, "GgufConfig", None, raising=False)  # as if it did not exist
+    assert _dequantizing({"gguf_file": "m.gguf"}) == {"gguf_file": "m.gguf"}
 
 
 def test_missing_tokenizer(tmp_path):
