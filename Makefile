@@ -24,7 +24,7 @@ LLAMA_CMAKE  := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DG
 LLAMA_WHEELS ?= $(HOME)/.cache/gisp-fx/wheels/llama-cpp-python-0.3.36-avx2
 LLAMA_STAMP  := $(VENV)/.llama-installed
 
-.PHONY: latency-llamacpp quality-qwen setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl fetch-models scaling clean
+.PHONY: latency-llamacpp quality-qwen quality-qwen15 setup test test-tf5 test-tf457 test-fast compile quality latency lm-eval-agreement trajectory-ppl fetch-models scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -94,18 +94,29 @@ latency-llamacpp: $(STAMP) $(LLAMA_STAMP) $(RUN)/report.json
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
-# the Qwen2.5-Coder quality tables (bf16; 100 questions per task, 256 windows, GSM8K 200 problems on the rows up to
-# 30 %), one invocation per group of rows so that a stopped run keeps what it measured; each method compiles once.
-# Hours on 2 CPU cores (one 0.5B row with GSM8K about 25 min, without about 7 min; a 0.5B GISP compile 15 min)
+# the Qwen2.5-Coder quality tables (bf16; 100 questions per task, 256 windows), one invocation per group of rows so
+# that a stopped run keeps what it measured; each method compiles once. Hours on 2 CPU cores.
+# 0.5B: GSM8K on 200 problems on the rows up to 30 % (a row with GSM8K about 25 min, without about 7 min; a GISP
+# compile 15 min)
 QWEN_Q = $(BIN)/python benchmarks/quality.py --dtype bfloat16 --limit 100 --windows 256 --gsm8k 200 --gsm8k-up-to 0.3
+# 1.5B: no GSM8K in the main table (a row about 8 min, a GISP compile about 25 min); GSM8K calibration in a table of
+# its own, with GSM8K measured on every row
+QWEN15_Q = $(BIN)/python benchmarks/quality.py --model qwen2.5-coder-1.5b --dtype bfloat16 --limit 100 --windows 256
+QWEN15_GSM = benchmarks/results/quality-qwen2.5-coder-1.5b-gsm8k
 quality-qwen: $(STAMP) fetch-models
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.4,0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp,wanda-sp --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin,gisp+block,wanda-sp+block,gisp-ra+lsq --sparsities 0.4,0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.2,0.3
-	$(QWEN_Q) --model qwen2.5-coder-1.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3,0.5
-	$(QWEN_Q) --model qwen2.5-coder-1.5b --append --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3
+	$(MAKE) quality-qwen15
+
+quality-qwen15: $(STAMP) fetch-models
+	$(QWEN15_Q) --gsm8k 0 --methods gisp,wanda-sp --sparsities 0.5
+	$(QWEN15_Q) --gsm8k 0 --append --methods gisp+lsq,wanda-sp+lsq --sparsities 0.5
+	$(QWEN15_Q) --gsm8k 0 --append --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3
+	$(QWEN15_Q) --gsm8k 200 --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
+	$(QWEN15_Q) --gsm8k 200 --append --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
 
 # the project's multiple-choice scorer against lm-evaluation-harness on the same 50 items per task (about 10 minutes)
 $(VENVLM)/.installed:
