@@ -16,7 +16,8 @@ on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiTex
     python benchmarks/quality.py --append --methods gisp+lsq,wanda-sp+lsq   # repaired rows (`--repair lsq`, at end)
 
 A method written `METHOD+lsq` (or `+bias`, `+block`) reuses METHOD's run and repairs each sparsity's model at the end,
-on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (block on its 256 windows).
+on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (block on its 256 windows);
+`--repair-samples N` fits every repair of the invocation on N windows of that text instead, and labels its rows so.
 `gisp-ra` is gisp with `--repair-aware` scores (each group's score weighted by what an lsq repair could not rebuild),
 so `gisp-ra+lsq` is the selection made for the repair that follows it.
 
@@ -129,11 +130,12 @@ def _fresh(original: LoadedModel) -> LoadedModel:
 
 
 def _key(row: dict) -> tuple:
-    return row["method"], row.get("pg_iters"), row.get("calib"), row["target"]
+    return row["method"], row.get("pg_iters"), row.get("calib"), row.get("repair_samples"), row["target"]
 
 
 def _label(row: dict) -> str:
     label = f"{row['method']} ({row['pg_iters']} it)" if row.get("pg_iters") is not None else row["method"]
+    label += f" [{row['repair_samples']} repair windows]" if row.get("repair_samples") else ""
     return label + (f" [{Path(row['calib']).name} calib]" if row.get("calib") else "")
 
 
@@ -170,6 +172,8 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help="calibration text of every method here: gsm8k, wikitext2 or a file "
                     "(default wikitext2; rows of another text are labelled with it)")
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--repair-samples", type=int, default=None, help="the windows every METHOD+repair row of this "
+                    "invocation fits on (default: the run's own, as materialize)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", help="the weights' dtype of the dense model and every compile "
@@ -250,8 +254,11 @@ def main() -> None:
         for s in sparsities:
             t0 = time.perf_counter()
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), dtype=args.dtype,
-                                                    repair=repair or None)
+                                                    repair=repair or None,
+                                                    repair_samples=args.repair_samples if repair else None)
             extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
+            if repair and args.repair_samples is not None:
+                extra["repair_samples"] = args.repair_samples
             add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, compile_s=compile_s,
                         rebuild_s=time.perf_counter() - t0, **extra))
     kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]

@@ -106,7 +106,7 @@ def _materialize(args: argparse.Namespace) -> None:
         raise GispError(f"materialize: '{args.run_dir}' is not a folder; give the output folder of `gisp-fx compile`")
     _, plan, sparsity = save_materialized(args.run_dir, args.sparsity, args.output, step=args.step,
                                    overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-                                   repair=args.repair, calib=args.calib)
+                                   repair=args.repair, calib=args.calib, repair_samples=args.repair_samples)
     print(f"materialized {100 * sparsity:.2f} % decoder sparsity ({plan.total_params:,} parameters) -> {args.output}")
 
 
@@ -254,6 +254,9 @@ def add_compile_commands(sub) -> None:
                    help="default: as the run was compiled; bias/lsq/block on an unrepaired run repairs the rebuilt model "
                         "once (needs the run's calibration data)")
     p.add_argument("--calib", help="the run's calibration text file, when a repair needs it and it has moved")
+    p.add_argument("--repair-samples", type=int, metavar="N",
+                   help="calibration windows the repair fits on, drawn from the run's calibration text (default: as "
+                        "the run recorded)")
     add_device_flags(p)
     p.set_defaults(func=_materialize)
 

@@ -94,7 +94,7 @@ def _pg_removals(traj, params_needed: int) -> tuple[GroupRef, ...]:
     return select_by_probability(plan, units, probs, params_needed, config.pg_budget).removed
 
 
-def materialize_repair(traj, override: str | None, calib: str | None):
+def materialize_repair(traj, override: str | None, calib: str | None, repair_samples: int | None = None):
     """The repair a materialize runs, and the CompileConfig to rebuild its calibration from (the run's recorded
     calibration settings; None when no repair runs), checked before any model is loaded: the run's own repair
     unless `override` names another; a run repaired at every step can only be replayed as it ran (or
@@ -122,11 +122,15 @@ def materialize_repair(traj, override: str | None, calib: str | None):
     else:
         settings = RepairSettings(override, "end")
     if settings.mode == "none":
+        if repair_samples is not None:
+            raise GispError("materialize: --repair-samples is the number of windows a repair fits on; this materialize "
+                            "runs none (give --repair bias|lsq|block, or leave --repair-samples out)")
         if calib is not None:
             raise GispError("materialize: --calib is the calibration text of a repair; this materialize runs none "
                             "(give --repair bias|lsq|block, or leave --calib out)")
         return settings, None
-    config = replace(config, repair=settings.mode, calib=calib or config.calib)
+    config = replace(config, repair=settings.mode, calib=calib or config.calib,
+                     repair_samples=config.repair_samples if repair_samples is None else repair_samples)
     config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from
     if config.calib and config.calib not in TEXT_SOURCES and not Path(config.calib).is_file():
         raise GispError(f"materialize: --repair {settings.mode} needs the run's calibration data, and its "
@@ -137,12 +141,14 @@ def materialize_repair(traj, override: str | None, calib: str | None):
 
 def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | None = None,
                       loaded: LoadedModel | None = None, device: str = "cpu", dtype: str = "float32",
-                      repair: str | None = None, calib: str | None = None) -> tuple[LoadedModel, GroupPlan, float]:
+                      repair: str | None = None, calib: str | None = None, repair_samples: int | None = None
+                      ) -> tuple[LoadedModel, GroupPlan, float]:
     """The model at `sparsity` (or after `step`) of a trajectory, rebuilt in memory from the original weights
     (`loaded`, else the model the trajectory names), repaired as the run was (or as `repair` says) on the run's
-    calibration (or the text file `calib`); returns (loaded, plan, sparsity)."""
+    calibration (or the text file `calib`), on the run's repair windows or `repair_samples` of them; returns
+    (loaded, plan, sparsity)."""
     removed = removals_for(traj, sparsity, step)
-    settings, calib_config = materialize_repair(traj, repair, calib)
+    settings, calib_config = materialize_repair(traj, repair, calib, repair_samples)
     dev, dt = resolve(device, dtype)
     if loaded is None:
         if not traj.config.get("model"):
@@ -164,9 +170,10 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
 
 def materialize(run_or_trajectory: str | Path | Trajectory, sparsity: float | None = None, *,
                 step: int | None = None, model: nn.Module | LoadedModel | None = None, device: str = "cpu",
-                dtype: str = "float32", repair: str | None = None) -> LoadedModel:
+                dtype: str = "float32", repair: str | None = None, repair_samples: int | None = None) -> LoadedModel:
     """The model at `sparsity` (or after `step`) of a run folder's or an in-memory trajectory, in memory.
-    `model`: the dense model it pruned (default: load the model the trajectory names)."""
+    `model`: the dense model it pruned (default: load the model the trajectory names); `repair_samples`: the windows
+    a repair fits on (default: as the run recorded)."""
     if isinstance(run_or_trajectory, Trajectory):
         traj = run_or_trajectory
     elif isinstance(run_or_trajectory, (str, Path)):
@@ -177,12 +184,14 @@ def materialize(run_or_trajectory: str | Path | Trajectory, sparsity: float | No
         model = LoadedModel(model, None, "in memory")
     elif model is not None and not isinstance(model, LoadedModel):
         raise GispError(f"materialize: model must be the dense nn.Module or a LoadedModel, got {type(model).__name__}")
-    return materialize_model(traj, sparsity, step=step, loaded=model, device=device, dtype=dtype, repair=repair)[0]
+    return materialize_model(traj, sparsity, step=step, loaded=model, device=device, dtype=dtype, repair=repair,
+                             repair_samples=repair_samples)[0]
 
 
 def save_materialized(run_dir: str, sparsity: float | None, output: str, *, step: int | None = None,
                       overwrite: bool = False, loaded: LoadedModel | None = None, device: str = "cpu",
-                      dtype: str = "float32", repair: str | None = None, calib: str | None = None):
+                      dtype: str = "float32", repair: str | None = None, calib: str | None = None,
+                      repair_samples: int | None = None):
     """`gisp-fx materialize`: rebuild the model at a sparsity (or step) of a run and save it as a model folder;
     returns (model, plan, sparsity)."""
     require_types("materialize", run_dir=(run_dir, (str, Path)), sparsity=(sparsity, (float, int, type(None))),
@@ -192,7 +201,8 @@ def save_materialized(run_dir: str, sparsity: float | None, output: str, *, step
     if out.exists() and not overwrite:
         raise GispError(f"--output '{out}' exists; pass --overwrite to replace it")
     loaded, plan, sparsity = materialize_model(load_trajectory(run_dir), sparsity, step=step, loaded=loaded,
-                                               device=device, dtype=dtype, repair=repair, calib=calib)
+                                               device=device, dtype=dtype, repair=repair, calib=calib,
+                                               repair_samples=repair_samples)
     with staged_dir(out) as tmp:
         save_pruned(loaded.model, loaded.tokenizer, tmp)
     return loaded.model, plan, sparsity

@@ -108,6 +108,13 @@ def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_pat
     low = [r for r in rows if r["method"] == "gisp" and r["target"] == 0.2]
     assert len(rows) == 4 and len(low) == 1 and low[0]["compile_s"] == gisp["compile_s"]  # the 30 % run served it
     assert 0 <= low[0]["gsm8k"] <= 1 and not (runs / "gisp-20-gsm8k").exists()
+    for extra in ([], ["--repair-samples", "8"]):  # the same repair on the run's 4 windows, then on 8: two rows
+        _run_script("benchmarks/quality.py", [*common, "--append", "--methods", "gisp+lsq", "--sparsities", "0.3",
+                                              *extra], monkeypatch)
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    lsq = [r for r in rows if r["method"] == "gisp+lsq"]
+    assert len(rows) == 6 and [r.get("repair_samples") for r in lsq] == [None, 8]  # kept apart, not replaced
+    assert "| gisp+lsq [8 repair windows] [gsm8k calib] | 3" in (out / "quality.md").read_text()
     steps3 = [("--steps" if a == "--steps" else "3" if prev == "--steps" else a) for prev, a in zip(["", *common], common)]
     with pytest.raises(SystemExit, match=r"gisp-30-gsm8k was compiled with steps 2 \(this invocation 3\)"):
         _run_script("benchmarks/quality.py", [*steps3, "--append", "--methods", "gisp", "--sparsities", "0.2"],

@@ -228,6 +228,29 @@ def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
         assert torch.allclose(rebuilt(input_ids=PROBE).logits, model(input_ids=PROBE).logits, atol=1e-5)
 
 
+def test_materialize_repairs_on_the_windows_it_is_given(tmp_path):
+    """materialize --repair lsq --repair-samples 24 on an unrepaired run rebuilds what a compile repaired on 24
+    windows made, and another model than the default repair on the run's 12; without a repair the flag is refused."""
+    plain = _compile(tmp_path, "plain")
+    fitted = _compile(tmp_path, "fitted", repair="lsq", repair_at="end", repair_samples=24)
+    step = len(json.loads((plain.output / "report.json").read_text())["steps"])
+
+    def rebuilt(folder, **kw):
+        loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+        out, _, _ = materialize(str(plain.output), None, str(tmp_path / folder), step=step, loaded=loaded, **kw)
+        return out(input_ids=PROBE).logits
+
+    with torch.no_grad():
+        wide = rebuilt("m24", repair="lsq", repair_samples=24)
+        assert torch.allclose(wide, load_model(str(fitted.output)).model(input_ids=PROBE).logits, atol=1e-5)
+        assert not torch.allclose(wide, rebuilt("m12", repair="lsq"), atol=1e-4)
+    with pytest.raises(GispError, match="--repair-samples is the number of windows a repair fits on"):
+        rebuilt("none", repair_samples=24)
+    with pytest.raises(GispError, match="--repair-samples must be at least 1"):
+        rebuilt("zero", repair="lsq", repair_samples=0)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "zero").exists()
+
+
 def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeypatch):
     """A run repaired under other defaults (e.g. damping 0.01 before it became 0.001) is rebuilt with the settings
     its trajectory recorded, not with today's defaults."""
