@@ -206,13 +206,18 @@ def _note_stale_runtime(where: str) -> None:
               "from_pretrained(..., trust_remote_code=True)", file=sys.stderr)
 
 
+def _gguf_config_class():
+    """transformers' GgufConfig, or None where this transformers has none (before 5.25)."""
+    import transformers
+
+    return getattr(transformers, "GgufConfig", None)
+
+
 def _dequantizing(kwargs: dict) -> dict:
     """`kwargs` for a GGUF file asking transformers to unpack every weight into a plain tensor: from 5.25 on it keeps
     quantized blocks packed (GgufLinear) when the `kernels` package is installed, and the passes rewrite plain
     nn.Linear weights. Earlier releases always unpack and have no such switch."""
-    import transformers
-
-    config = getattr(transformers, "GgufConfig", None)
+    config = _gguf_config_class()
     if "gguf_file" not in kwargs or config is None:
         return kwargs
     return {**kwargs, "quantization_config": config(dequantize=True)}

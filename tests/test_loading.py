@@ -101,14 +101,14 @@ def test_smollm2_inspect_and_save(tmp_path, capsys):
 def test_gguf_weights_are_asked_for_unpacked(monkeypatch):
     """transformers 5.25+ keeps quantized GGUF blocks packed where the `kernels` package is installed: the loader asks
     for plain tensors; an older transformers (no GgufConfig) always unpacks and gets the kwargs unchanged."""
-    from gisp_fx.loading import _dequantizing
+    import gisp_fx.loading as loading
 
-    assert _dequantizing({"token": None}) == {"token": None}  # not a GGUF
-    if hasattr(transformers, "GgufConfig"):
-        asked = _dequantizing({"gguf_file": "m.gguf"})
+    assert loading._dequantizing({"token": None}) == {"token": None}  # not a GGUF
+    if loading._gguf_config_class() is not None:
+        asked = loading._dequantizing({"gguf_file": "m.gguf"})
         assert asked["gguf_file"] == "m.gguf" and asked["quantization_config"].dequantize is True
-    monkeypatch.setattr(transformers, "GgufConfig", None, raising=False)  # as if it did not exist
-    assert _dequantizing({"gguf_file": "m.gguf"}) == {"gguf_file": "m.gguf"}
+    monkeypatch.setattr(loading, "_gguf_config_class", lambda: None)  # as before transformers 5.25
+    assert loading._dequantizing({"gguf_file": "m.gguf"}) == {"gguf_file": "m.gguf"}
 
 
 def test_missing_tokenizer(tmp_path):
