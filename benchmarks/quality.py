@@ -253,12 +253,12 @@ def main() -> None:
         compile_s = json.loads((out / "report.json").read_text())["wall_s"]
         for s in sparsities:
             t0 = time.perf_counter()
+            samples = args.repair_samples if repair else None  # the unrepaired rows fit nothing
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), dtype=args.dtype,
-                                                    repair=repair or None,
-                                                    repair_samples=args.repair_samples if repair else None)
+                                                    repair=repair or None, repair_samples=samples)
             extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
-            if repair and args.repair_samples is not None:
-                extra["repair_samples"] = args.repair_samples
+            if samples is not None:
+                extra["repair_samples"] = samples
             add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, compile_s=compile_s,
                         rebuild_s=time.perf_counter() - t0, **extra))
     kept = [r for r in previous if r["method"] != "dense" and _key(r) not in {_key(f) for f in fresh}]
