@@ -195,6 +195,9 @@ def main() -> None:
         raise SystemExit(f"--gsm8k-up-to: {args.gsm8k_up_to}; give a sparsity between 0 and 1")
 
     methods = args.methods.split(",")
+    if args.repair_samples is not None and (args.repair_samples < 1 or not any("+" in m for m in methods)):
+        raise SystemExit(f"--repair-samples: {args.repair_samples}; give a positive number of windows, with at least "
+                         "one METHOD+repair in --methods (the unrepaired rows fit nothing)")
     sparsities = sorted(float(x) for x in args.sparsities.split(","))
     tasks = ["wikitext2", *MC_EVAL_TASKS]
     previous, earlier_s = _previous(args)

@@ -120,6 +120,10 @@ def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_pat
         _run_script("benchmarks/quality.py", [*steps3, "--append", "--methods", "gisp", "--sparsities", "0.2"],
                     monkeypatch)  # a run made with other settings does not serve rows labelled with these
     assert json.loads((out / "quality.json").read_text())["rows"] == rows  # and the table is untouched
+    for bad in (["--methods", "gisp", "--repair-samples", "8"], ["--methods", "gisp+lsq", "--repair-samples", "0"]):
+        with pytest.raises(SystemExit, match="--repair-samples"):  # refused before anything loads or is written
+            _run_script("benchmarks/quality.py", [*common, "--append", "--sparsities", "0.3", *bad], monkeypatch)
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows
 
 
 def test_quality_cmqa_standard_error():
