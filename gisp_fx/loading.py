@@ -248,7 +248,7 @@ def _load_weights(spec: str, where: str, config, kwargs: dict, dtype: torch.dtyp
     _require_no_extra_weights(spec, where, info)
     _require_finite(spec, where, model)
     if "gguf_file" in kwargs:
-        packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+        packed = _packed_modules(model)
         if packed:
             raise GispError(f"model '{spec}': transformers kept GGUF weights packed ({', '.join(packed)}); gisp-fx "
                             "prunes plain weights. Upgrade gisp-fx or uninstall the `kernels` package")
@@ -280,6 +280,14 @@ def _require_no_extra_weights(spec: str, where: str, info: dict) -> None:
         raise GispError(f"model '{spec}': the checkpoint in {where} holds {len(extra)} weight tensor(s) its "
                         f"config.json has no place for: {shown}; config.json disagrees with the weights (layers, "
                         "sizes): restore the config saved with them")
+
+
+def _packed_modules(model: torch.nn.Module) -> list[str]:
+    """Class names of the modules that hold weights still packed: transformers' Gguf* modules, or any module with an
+    integer-typed parameter (quantized blocks are stored as bytes), whatever the class is called."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if type(m).__name__.lower().startswith("gguf")
+                   or any(not p.is_floating_point() for p in m.parameters(recurse=False))})
 
 
 def _require_finite(spec: str, where: str, model: torch.nn.Module) -> None:

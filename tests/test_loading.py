@@ -111,6 +111,28 @@ def test_gguf_weights_are_asked_for_unpacked(monkeypatch):
     assert loading._dequantizing({"gguf_file": "m.gguf"}) == {"gguf_file": "m.gguf"}
 
 
+def test_packed_gguf_modules_are_found_by_name_or_by_byte_weights():
+    """A module transformers left packed is found by its Gguf* class name, or, whatever it is called, by a parameter
+    that is not floating point (quantized blocks stored as bytes); a plain model has none."""
+    from conftest import tiny_model
+    import gisp_fx.loading as loading
+
+    model = tiny_model("llama-gqa")
+    assert loading._packed_modules(model) == []
+
+    class PackedLinear(torch.nn.Module):  # a packed linear under a name that does not say gguf
+        def __init__(self):
+            super().__init__()
+            self.qweight = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.uint8), requires_grad=False)
+
+    class GgufLinear(torch.nn.Module):
+        pass
+
+    model.model.layers[0].mlp.down_proj = PackedLinear()
+    model.model.layers[1].mlp.down_proj = GgufLinear()
+    assert loading._packed_modules(model) == ["GgufLinear", "PackedLinear"]
+
+
 def test_missing_tokenizer(tmp_path):
     from conftest import tiny_model
 
