@@ -268,6 +268,12 @@ def main() -> None:
     write(rows + kept + fresh, args, time.perf_counter() - started)
 
 
+def _ordered(rows: list[dict]) -> list[dict]:
+    """The table's order: each label's rows together (labels in the order they were first measured), by sparsity."""
+    first = {label: i for i, label in reversed(list(enumerate(_label(r) for r in rows)))}
+    return sorted(rows, key=lambda r: (first[_label(r)], r["sparsity"]))
+
+
 def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +295,7 @@ def write(rows: list[dict], args, wall_s: float, final: bool = True) -> None:
              "serves every sparsity of a method), 'row min' the row's own (rebuild, repair, evaluation). Wall time "
              f"{wall_s / 60:.0f} min. Commands: " + "; ".join(f"`{c.strip()}`" for c in args.commands) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for r in rows:
+    for r in _ordered(rows):
         own = r.get("rebuild_s", 0.0) + r["eval_s"]
         cells = [_label(r), f"{100 * r['sparsity']:.1f} %", f"{r['params'] / 1e6:.1f} M", f"{r['wikitext2']:.1f}",
                  f"{100 * r['cmqa']:.1f} ± {100 * cmqa_se(r, args.limit):.1f}",

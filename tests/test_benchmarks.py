@@ -137,3 +137,16 @@ def test_quality_cmqa_standard_error():
     assert ns["cmqa_se"](row, 100) == pytest.approx((7 * 0.25 / 25) ** 0.5 / 7)
     assert ns["_slug"]("Qwen/Qwen2.5-0.5B") == "qwen-qwen2.5-0.5b" and ns["_slug"]("qwen2.5-coder-0.5b") == \
         "qwen2.5-coder-0.5b"
+
+
+def test_quality_table_groups_each_methods_rows_by_sparsity():
+    """Rows appended by later invocations join their method's rows in the table, lowest sparsity first; methods
+    keep the order in which they were first measured (dense first)."""
+    ns = runpy.run_path("benchmarks/quality.py")  # not run as __main__: only its functions
+    rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0}] + [
+        {"method": m, "target": s, "sparsity": s, **extra} for m, s, extra in [
+            ("gisp", 0.5, {}), ("wanda-sp", 0.5, {}), ("gisp", 0.2, {"calib": "gsm8k"}), ("gisp", 0.2, {}),
+            ("wanda-sp", 0.2, {}), ("gisp", 0.3, {})]]
+    order = [(ns["_label"](r), r["sparsity"]) for r in ns["_ordered"](rows)]
+    assert order == [("dense", 0.0), ("gisp", 0.2), ("gisp", 0.3), ("gisp", 0.5), ("wanda-sp", 0.2),
+                     ("wanda-sp", 0.5), ("gisp [gsm8k calib]", 0.2)]
