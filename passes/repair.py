@@ -27,6 +27,7 @@ cross moments C = sum x_d x_p^T taken on the same tokens.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass
 
@@ -130,9 +131,29 @@ def min_tokens(plan: GroupPlan) -> int:
     return max(widths, default=0)
 
 
+# lsq on fewer tokens than THIN_FIT x the widest consumer's inputs fitted the calibration and not the test text: on
+# Qwen2.5-Coder-1.5B at 30 % (8,960-wide down_projs) lsq on 64 windows (8,192 tokens) took WikiText-2 perplexity from
+# 48.92 to 63.48, on 256 windows (32,768 tokens) to 40.92 (docs/results.md#qwen25-coder-15b); SmolLM2 (1,536) on 64
+# windows gains.
+THIN_FIT = 4
+
+
+def thin_fit_note(plan: GroupPlan, calib, settings: RepairSettings) -> str | None:
+    """A note when an lsq fit has fewer than THIN_FIT tokens per input feature of the widest consumer, else None."""
+    if settings.mode not in ("lsq", "block") or not isinstance(calib, LmCalibration):
+        return None
+    tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
+    if tokens >= THIN_FIT * need:
+        return None
+    n, L = calib.input_ids.shape
+    return (f"note: --repair {settings.mode} fits on {tokens:,} tokens ({n} windows of {L}), fewer than {THIN_FIT}x the "
+            f"{need:,} input features of the widest consumer linear; such fits can match the calibration text and "
+            f"not the rest: {-(-THIN_FIT * need // L)} or more windows (--repair-samples) are safer")
+
+
 def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
     """One GispError when the calibration cannot serve the repair: not language-model windows, or (lsq) fewer
-    calibration tokens than the widest consumer has input features."""
+    calibration tokens than the widest consumer has input features; a printed note when the lsq fit is thin."""
     if settings.mode == "none":
         return
     if not isinstance(calib, LmCalibration):
@@ -144,6 +165,9 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
         raise GispError(f"--repair {settings.mode}: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
                         f"{need:,} input features of the widest consumer linear, so its Gram matrix is singular and "
                         "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
+    note = thin_fit_note(plan, calib, settings)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _forward_batches(model: nn.Module, calib, desc: str, progress: bool, hooks=None) -> None:

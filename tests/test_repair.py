@@ -395,6 +395,33 @@ def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "--calib is the calibration text of a repair" in capsys.readouterr().err
 
 
+def test_thin_lsq_fit_is_noted_with_the_windows_that_would_serve(tmp_path, capsys):
+    """Under THIN_FIT tokens per input feature of the widest consumer an lsq (or block) fit gets a note naming
+    --repair-samples and a window count that reaches the ratio; at or above it, or with bias, none; compile prints it."""
+    from gisp_fx.passes.repair import THIN_FIT, min_tokens, thin_fit_note
+
+    plan = analyse(tiny_model("llama-gqa", num_hidden_layers=4))
+    need, L = min_tokens(plan), 16
+    enough = -(-THIN_FIT * need // L)  # windows of L tokens that reach THIN_FIT x need
+    thin = LmCalibration(torch.zeros(enough - 1, L, dtype=torch.long))
+    note = thin_fit_note(plan, thin, RepairSettings(mode="lsq"))
+    assert note is not None and f"{(enough - 1) * L:,} tokens" in note and f"{enough} or more windows" in note
+    assert "--repair-samples" in note and thin_fit_note(plan, thin, RepairSettings(mode="block")) is not None
+    assert thin_fit_note(plan, thin, RepairSettings(mode="bias")) is None
+    assert thin_fit_note(plan, LmCalibration(torch.zeros(enough, L, dtype=torch.long)), RepairSettings(mode="lsq")) \
+        is None
+    capsys.readouterr()
+    run = _compile(tmp_path, "thin", repair="lsq", calib_samples=max(-(-need // L), 1) + 1)  # well-posed, but thin
+    assert "note: --repair lsq fits on" in capsys.readouterr().err
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+    materialize(str(run.output), None, str(tmp_path / "m"), step=1, loaded=loaded, repair="lsq", repair_samples=enough)
+    assert "note:" not in capsys.readouterr().err  # materialize says it too, and not when the windows suffice
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")  # pruned in place
+    materialize(str(run.output), None, str(tmp_path / "m2"), step=1, loaded=loaded, repair="lsq",
+                repair_samples=enough - 1)
+    assert f"note: --repair lsq fits on {(enough - 1) * L:,} tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode,sublayers", [("bias", False), ("lsq", False), ("bias", True), ("lsq", True)])
 def test_dense_target_fits_the_dense_models_output(mode, sublayers):
     """target dense (pruned inputs): with one pruned layer both streams are the same and it fits what target layer
