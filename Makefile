@@ -115,6 +115,7 @@ quality-qwen15: $(STAMP) fetch-models
 	$(QWEN15_Q) --gsm8k 0 --methods gisp,wanda-sp --sparsities 0.5
 	$(QWEN15_Q) --gsm8k 0 --append --methods gisp+lsq,wanda-sp+lsq --sparsities 0.5
 	$(QWEN15_Q) --gsm8k 0 --append --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3
+	$(QWEN15_Q) --gsm8k 0 --append --repair-samples 256 --methods gisp+lsq,wanda-sp+lsq --sparsities 0.3
 	$(QWEN15_Q) --gsm8k 200 --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
 	$(QWEN15_Q) --gsm8k 200 --append --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
 
