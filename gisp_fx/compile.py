@@ -23,7 +23,7 @@ from gisp_fx.memory import lean_heap_, peak_rss_mb
 from gisp_fx.outputs import owned_output
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.preflight import check_calibration_positions
-from gisp_fx.passes.repair import check_calibration
+from gisp_fx.passes.repair_check import check_calibration
 from gisp_fx.passes.select import parse_protect
 from gisp_fx.memory import free_memory
 from gisp_fx.prune import StepFailed, check_target, prune_

@@ -23,7 +23,8 @@ from gisp_fx.memory import free_bytes, free_memory, scoring_bytes
 from gisp_fx.methods import StepInput, run_step
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import LmCalibration, Scores
-from gisp_fx.passes.repair import check_calibration, replay_repaired_, shrink_repaired_
+from gisp_fx.passes.repair import replay_repaired_, shrink_repaired_
+from gisp_fx.passes.repair_check import check_calibration
 from gisp_fx.passes.select import freed_params, parse_protect
 from gisp_fx.plan import Alive, GroupPlan, GroupRef, Kind, Selection
 from gisp_fx.trajectory import Step, Trajectory, scores_table

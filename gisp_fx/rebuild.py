@@ -23,7 +23,8 @@ from gisp_fx.preflight import require_types
 from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import Scores
 from gisp_fx.passes.pg import build_units, select_by_probability
-from gisp_fx.passes.repair import MODES as REPAIR_MODES, RepairSettings, replay_repaired_, thin_fit_note
+from gisp_fx.passes.repair import MODES as REPAIR_MODES, RepairSettings, replay_repaired_
+from gisp_fx.passes.repair_check import thin_fit_note
 from gisp_fx.passes.select import FreedParams, parse_protect, select_uniform
 from gisp_fx.plan import GroupPlan, GroupRef, Kind
 from gisp_fx.rundir import TRAJECTORY_DIR

@@ -27,7 +27,6 @@ cross moments C = sum x_d x_p^T taken on the same tokens.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ from tqdm.auto import tqdm
 
 from gisp_fx.errors import GispError
 from gisp_fx.passes.calib_loop import StopForward, hidden_states, run_batches, windows
-from gisp_fx.passes.importance import LmCalibration
 from gisp_fx.passes.repair_block import EPOCHS as BLOCK_EPOCHS, LR as BLOCK_LR, record_calls, reconstruct_
 from gisp_fx.passes.repair_fit import Moments, apply_, check_reached, moment_hooks, with_biases
 from gisp_fx.passes.shrink import shrink_
@@ -121,53 +119,6 @@ def consumer_columns(plan: GroupPlan, selection: Selection) -> dict[str, np.ndar
                     for g in gone:
                         cols.update(member.index[g])
     return {name: np.array(sorted(cols), dtype=np.int64) for name, cols in out.items() if cols}
-
-
-def min_tokens(plan: GroupPlan) -> int:
-    """Calibration tokens an lsq fit needs: at least the widest consumer's input features (else G is singular)."""
-    widths = [plan.linear(m.module).in_features for layer in plan.layers
-              for members in ((layer.attention.query if layer.attention else ()), (layer.mlp.members if layer.mlp else ()))
-              for m in members if m.axis is Axis.COLS]
-    return max(widths, default=0)
-
-
-# lsq on fewer tokens than THIN_FIT x the widest consumer's inputs fitted the calibration and not the test text: on
-# Qwen2.5-Coder-1.5B at 30 % (8,960-wide down_projs) lsq on 64 windows (8,192 tokens) took WikiText-2 perplexity from
-# 48.92 to 63.48, on 256 windows (32,768 tokens) to 40.92 (docs/results.md#qwen25-coder-15b); SmolLM2 (1,536) on 64
-# windows gains.
-THIN_FIT = 4
-
-
-def thin_fit_note(plan: GroupPlan, calib, settings: RepairSettings) -> str | None:
-    """A note when an lsq fit has fewer than THIN_FIT tokens per input feature of the widest consumer, else None."""
-    if settings.mode not in ("lsq", "block") or not isinstance(calib, LmCalibration):
-        return None
-    tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
-    if tokens >= THIN_FIT * need:
-        return None
-    n, L = calib.input_ids.shape
-    return (f"note: --repair {settings.mode} fits on {tokens:,} tokens ({n} windows of {L}), fewer than {THIN_FIT}x the "
-            f"{need:,} input features of the widest consumer linear; such fits can match the calibration text and "
-            f"not the rest: {-(-THIN_FIT * need // L)} or more windows (--repair-samples) are safer")
-
-
-def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
-    """One GispError when the calibration cannot serve the repair: not language-model windows, or (lsq) fewer
-    calibration tokens than the widest consumer has input features; a printed note when the lsq fit is thin."""
-    if settings.mode == "none":
-        return
-    if not isinstance(calib, LmCalibration):
-        raise GispError(f"--repair {settings.mode} fits on language-model calibration windows (the ppl objective), "
-                        f"got {type(calib).__name__}; use --objective ppl or --repair none")
-    tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
-    if settings.fits and tokens < need:
-        n, L = calib.input_ids.shape
-        raise GispError(f"--repair {settings.mode}: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
-                        f"{need:,} input features of the widest consumer linear, so its Gram matrix is singular and "
-                        "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
-    note = thin_fit_note(plan, calib, settings)
-    if note:
-        print(note, file=sys.stderr)
 
 
 def _forward_batches(model: nn.Module, calib, desc: str, progress: bool, hooks=None) -> None:

@@ -398,7 +398,7 @@ def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
 def test_thin_lsq_fit_is_noted_with_the_windows_that_would_serve(tmp_path, capsys):
     """Under THIN_FIT tokens per input feature of the widest consumer an lsq (or block) fit gets a note naming
     --repair-samples and a window count that reaches the ratio; at or above it, or with bias, none; compile prints it."""
-    from gisp_fx.passes.repair import THIN_FIT, min_tokens, thin_fit_note
+    from gisp_fx.passes.repair_check import THIN_FIT, min_tokens, thin_fit_note
 
     plan = analyse(tiny_model("llama-gqa", num_hidden_layers=4))
     need, L = min_tokens(plan), 16
