@@ -32,7 +32,7 @@ THIN_FIT = 4
 
 def thin_fit_note(plan: GroupPlan, calib, settings: RepairSettings) -> str | None:
     """A note when an lsq fit has fewer than THIN_FIT tokens per input feature of the widest consumer, else None."""
-    if settings.mode not in ("lsq", "block") or not isinstance(calib, LmCalibration):
+    if not settings.fits or not isinstance(calib, LmCalibration):
         return None
     tokens, need = int(calib.input_ids.numel()), min_tokens(plan)
     if tokens >= THIN_FIT * need:
