@@ -16,7 +16,8 @@ on the same seeded subsets: `--limit` questions per QA task, `--windows` WikiTex
     python benchmarks/quality.py --append --methods gisp+lsq,wanda-sp+lsq   # repaired rows (`--repair lsq`, at end)
 
 A method written `METHOD+lsq` (or `+bias`, `+block`) reuses METHOD's run and repairs each sparsity's model at the end,
-on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (block on its 256 windows);
+on the run's own calibration text, as `gisp-fx materialize RUN --repair lsq` does (on the run's windows, raised to 4
+tokens per input feature of the widest consumer; block on at least 256), and records the windows in the row;
 `--repair-samples N` fits every repair of the invocation on N windows of that text instead, and labels its rows so.
 `gisp-ra` is gisp with `--repair-aware` scores (each group's score weighted by what an lsq repair could not rebuild),
 so `gisp-ra+lsq` is the selection made for the repair that follows it.
@@ -260,6 +261,9 @@ def main() -> None:
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), dtype=args.dtype,
                                                     repair=repair or None, repair_samples=samples)
             extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
+            if repair:  # the windows it fitted on: --repair-samples, else the default for this model (fit_windows)
+                extra["repair_windows"] = (samples if samples is not None else dataclasses.replace(
+                    CompileConfig.from_json(traj.config), repair=repair).repair_windows_for(traj.plan))
             if samples is not None:
                 extra["repair_samples"] = samples
             add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, compile_s=compile_s,

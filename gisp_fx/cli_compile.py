@@ -234,8 +234,9 @@ def add_compile_commands(sub) -> None:
                    help="iterative gisp with --repair: after every step (the next step scores the repaired model) "
                         "or once at the end (default end)")
     p.add_argument("--repair-samples", type=int, metavar="N",
-                   help="calibration windows the repair fits on, drawn from the same text (default: --calib-samples; "
-                        "with --repair block 256, as it overfits fewer)")
+                   help="calibration windows the repair fits on, drawn from the same text (default: --calib-samples, "
+                        "raised for lsq and block to 4 tokens per input feature of the widest consumer linear; block "
+                        "at least 256, as it overfits fewer)")
     p.add_argument("--recover-tokens", type=int, metavar="N",
                    help="after pruning, distil the pruned model from the dense one on N tokens of WikiText-2 train "
                         "into OUTPUT/recovered (as `gisp-fx recover OUTPUT --output OUTPUT/recovered --tokens N`; "
@@ -256,7 +257,7 @@ def add_compile_commands(sub) -> None:
     p.add_argument("--calib", help="the run's calibration text file, when a repair needs it and it has moved")
     p.add_argument("--repair-samples", type=int, metavar="N",
                    help="calibration windows the repair fits on, drawn from the run's calibration text (default: as "
-                        "the run recorded)")
+                        "the run recorded; a repair the run did not make: as compile's default)")
     add_device_flags(p)
     p.set_defaults(func=_materialize)
 

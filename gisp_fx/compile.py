@@ -73,12 +73,12 @@ def compile_model(config: CompileConfig, *, overwrite: bool = False, resume: boo
     check_target(settings, plan0, parse_protect(config.protect, len(plan0.layers)))
     check_calibration_positions(model, config.method, config.seq_len)
     calib = calibration if calibration is not None else build_calibration(config, tokenizer)
-    repair_calib = calib
-    if calibration is None and config.repair != "none" and config.repair_windows != config.calib_samples:
+    repair_calib, repair_windows = calib, config.repair_windows_for(plan0)
+    if calibration is None and config.repair != "none" and repair_windows != config.calib_samples:
         try:
-            repair_calib = build_calibration(config, tokenizer, windows=config.repair_windows)
+            repair_calib = build_calibration(config, tokenizer, windows=repair_windows)
         except GispError as exc:
-            raise GispError(f"--repair {config.repair} fits on {config.repair_windows} calibration windows "
+            raise GispError(f"--repair {config.repair} fits on {repair_windows} calibration windows "
                             f"(--repair-samples): {exc}") from exc
     check_calibration(plan0, repair_calib, settings.repair_settings())
     free_memory()  # the load's, the capture's and the tokenizer's temporaries

@@ -11,7 +11,9 @@ from gisp_fx.datasets import BOS_MODES
 from gisp_fx.errors import GispError
 from gisp_fx.passes.pg import PgConfig
 from gisp_fx.passes.repair import AT as REPAIR_AT, BLOCK_SAMPLES, MODES as REPAIR_MODES, RepairSettings
+from gisp_fx.passes.repair_check import fit_windows
 from gisp_fx.passes.select import Normalize
+from gisp_fx.plan import GroupPlan
 
 CONFIG_VERSION = 1
 
@@ -221,6 +223,14 @@ class CompileConfig:
         if self.repair_samples is not None:
             return self.repair_samples
         return max(BLOCK_SAMPLES, self.calib_samples) if self.repair == "block" else self.calib_samples
+
+    def repair_windows_for(self, plan: GroupPlan) -> int:
+        """The windows the repair fits on for `plan`'s model: --repair-samples as given; else repair_windows, raised
+        for the fitting repairs (lsq, block) to THIN_FIT tokens per input feature of the widest consumer linear
+        (fit_windows: on Qwen2.5-Coder-1.5B lsq on 64 windows overfit where 256 gained, docs/results.md)."""
+        if self.repair_samples is not None or not self.repair_settings().fits:
+            return self.repair_windows
+        return max(self.repair_windows, fit_windows(plan, self.seq_len))
 
     def non_default(self) -> frozenset[str]:
         return frozenset(f.name for f in fields(self) if getattr(self, f.name) != f.default)

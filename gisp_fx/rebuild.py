@@ -131,6 +131,8 @@ def materialize_repair(traj, override: str | None, calib: str | None, repair_sam
             raise GispError("materialize: --calib is the calibration text of a repair; this materialize runs none "
                             "(give --repair bias|lsq|block, or leave --calib out)")
         return settings, None
+    if repair_samples is None and settings is recorded and traj.repair and traj.repair[0].get("tokens"):
+        repair_samples = traj.repair[0]["tokens"] // config.seq_len  # the windows it fitted on, whatever today's default
     config = replace(config, repair=settings.mode, calib=calib or config.calib,
                      repair_samples=config.repair_samples if repair_samples is None else repair_samples)
     config.validate(frozenset())  # e.g. a calibration-free method has no data to repair from
@@ -162,7 +164,7 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
     require_same_weights(traj.fingerprint, loaded.model, plan0, str(traj.config.get("model")), "materialize")
     calibration = None
     if calib_config:  # the windows the run's repair fitted on (--repair-samples, or block's default)
-        calibration = build_calibration(calib_config, loaded.tokenizer, windows=calib_config.repair_windows)
+        calibration = build_calibration(calib_config, loaded.tokenizer, windows=calib_config.repair_windows_for(plan0))
         note = thin_fit_note(plan0, calibration, settings)
         if note:
             print(note, file=sys.stderr)

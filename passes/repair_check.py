@@ -30,6 +30,12 @@ def min_tokens(plan: GroupPlan) -> int:
 THIN_FIT = 4
 
 
+def fit_windows(plan: GroupPlan, seq_len: int) -> int:
+    """Windows of `seq_len` tokens that give an lsq fit THIN_FIT tokens per input feature of the widest consumer
+    (lsq's and block's least default, CompileConfig.repair_windows_for)."""
+    return -(-THIN_FIT * min_tokens(plan) // seq_len)
+
+
 def thin_fit_note(plan: GroupPlan, calib, settings: RepairSettings) -> str | None:
     """A note when an lsq fit has fewer than THIN_FIT tokens per input feature of the widest consumer, else None."""
     if not settings.fits or not isinstance(calib, LmCalibration):
@@ -40,7 +46,7 @@ def thin_fit_note(plan: GroupPlan, calib, settings: RepairSettings) -> str | Non
     n, L = calib.input_ids.shape
     return (f"note: --repair {settings.mode} fits on {tokens:,} tokens ({n} windows of {L}), fewer than {THIN_FIT}x the "
             f"{need:,} input features of the widest consumer linear; such fits can match the calibration text and "
-            f"not the rest: {-(-THIN_FIT * need // L)} or more windows (--repair-samples) are safer")
+            f"not the rest: {fit_windows(plan, L)} or more windows (--repair-samples, or leave it out) are safer")
 
 
 def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
@@ -56,7 +62,8 @@ def check_calibration(plan: GroupPlan, calib, settings: RepairSettings) -> None:
         n, L = calib.input_ids.shape
         raise GispError(f"--repair {settings.mode}: the calibration set has {tokens:,} tokens ({n} x {L}), fewer than the "
                         f"{need:,} input features of the widest consumer linear, so its Gram matrix is singular and "
-                        "the fit is ill-posed; give more --calib-samples or a longer --seq-len, or use --repair bias")
+                        "the fit is ill-posed; give more windows (--repair-samples; left out, the fit takes enough) "
+                        "or use --repair bias")
     note = thin_fit_note(plan, calib, settings)
     if note:
         print(note, file=sys.stderr)

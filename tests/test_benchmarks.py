@@ -114,6 +114,8 @@ def test_quality_benchmark_gsm8k_calibration_and_block_rows(tiny_folder, tmp_pat
     rows = json.loads((out / "quality.json").read_text())["rows"]
     lsq = [r for r in rows if r["method"] == "gisp+lsq"]
     assert len(rows) == 6 and [r.get("repair_samples") for r in lsq] == [None, 8]  # kept apart, not replaced
+    # each repaired row records the windows it fitted on (4 already give 512 tokens for the 64-wide consumers)
+    assert [r["repair_windows"] for r in lsq] == [4, 8] and block["repair_windows"] == 256
     assert "| gisp+lsq [8 repair windows] [gsm8k calib] | 3" in (out / "quality.md").read_text()
     steps3 = [("--steps" if a == "--steps" else "3" if prev == "--steps" else a) for prev, a in zip(["", *common], common)]
     with pytest.raises(SystemExit, match=r"gisp-30-gsm8k was compiled with steps 2 \(this invocation 3\)"):

@@ -16,6 +16,7 @@ from gisp_fx.errors import GispError
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.passes.importance import LmCalibration
 from gisp_fx.passes.repair import RepairSettings, shrink_repaired_
+from gisp_fx.passes.repair_check import fit_windows
 from gisp_fx.passes.repair_fit import lsq_columns
 from gisp_fx.passes.shrink import shrink_
 from gisp_fx.passes.analyse import analyse
@@ -200,8 +201,11 @@ def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
     plain = _compile(tmp_path, "plain")
     run = _compile(tmp_path, "run", repair=repair, repair_at=at, **({"repair_samples": 24} if repair == "block" else {}))
     report = json.loads((run.output / "report.json").read_text())
-    # the repair fitted on its own windows where it has them (block: --repair-samples), else the compile's 12
-    assert all(r["tokens"] == (24 if repair == "block" else 12) * 16 for r in report["repair"]["runs"])
+    # the repair fitted on its own windows where it has them (block: --repair-samples); lsq on the compile's 12 raised
+    # to THIN_FIT tokens per input of the widest consumer (16 windows of 16 tokens for 64 inputs); bias on the 12
+    windows = {"block": 24, "lsq": max(12, fit_windows(analyse(tiny_model("llama-gqa", num_hidden_layers=4)), 16))}
+    assert windows["lsq"] == 16
+    assert all(r["tokens"] == windows.get(repair, 12) * 16 for r in report["repair"]["runs"])
     assert report["repair"]["mode"] == repair and report["repair"]["at"] == at
     runs = report["repair"]["runs"]
     assert [r["step"] for r in runs] == ([s["step"] for s in report["steps"]] if at == "step" else ["end"])
@@ -230,7 +234,8 @@ def test_repaired_run_round_trips_and_materializes(repair, at, tmp_path):
 
 def test_materialize_repairs_on_the_windows_it_is_given(tmp_path):
     """materialize --repair lsq --repair-samples 24 on an unrepaired run rebuilds what a compile repaired on 24
-    windows made, and another model than the default repair on the run's 12; without a repair the flag is refused."""
+    windows made, and another model than the default repair (16 windows: the run's 12 raised to fit_windows); without
+    a repair the flag is refused."""
     plain = _compile(tmp_path, "plain")
     fitted = _compile(tmp_path, "fitted", repair="lsq", repair_at="end", repair_samples=24)
     step = len(json.loads((plain.output / "report.json").read_text())["steps"])
@@ -243,12 +248,29 @@ def test_materialize_repairs_on_the_windows_it_is_given(tmp_path):
     with torch.no_grad():
         wide = rebuilt("m24", repair="lsq", repair_samples=24)
         assert torch.allclose(wide, load_model(str(fitted.output)).model(input_ids=PROBE).logits, atol=1e-5)
-        assert not torch.allclose(wide, rebuilt("m12", repair="lsq"), atol=1e-4)
+        assert not torch.allclose(wide, rebuilt("m16", repair="lsq"), atol=1e-4)
     with pytest.raises(GispError, match="--repair-samples is the number of windows a repair fits on"):
         rebuilt("none", repair_samples=24)
     with pytest.raises(GispError, match="--repair-samples must be at least 1"):
         rebuilt("zero", repair="lsq", repair_samples=0)
     assert not (tmp_path / "none").exists() and not (tmp_path / "zero").exists()
+
+
+def test_materialize_replays_a_repair_on_the_windows_it_recorded(tmp_path):
+    """A run repaired on 12 windows before lsq's default was raised to fit_windows (its config records no
+    --repair-samples) is rebuilt on the 12 windows its repair record counts, not on today's default 16."""
+    run = _compile(tmp_path, "old", repair="lsq", repair_at="end", repair_samples=12)
+    path = run.output / "trajectory" / "trajectory.json"
+    traj = json.loads(path.read_text())
+    assert traj["repair"][0]["tokens"] == 12 * 16
+    traj["config"]["repair_samples"] = None  # as a run recorded under the old default
+    path.write_text(json.dumps(traj))
+    step = len(traj["steps"])
+    loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
+    rebuilt, _, _ = materialize(str(run.output), None, str(tmp_path / "m"), step=step, loaded=loaded)
+    with torch.no_grad():
+        want = load_model(str(run.output)).model(input_ids=PROBE).logits
+        assert torch.allclose(rebuilt(input_ids=PROBE).logits, want, atol=1e-5)
 
 
 def test_materialize_uses_the_runs_recorded_damping_and_inputs(tmp_path, monkeypatch):
@@ -380,8 +402,9 @@ def test_repair_refuses_what_it_cannot_serve(tmp_path, capsys):
     with pytest.raises(GispError, match="--repair-at applies .* --repair is none"):
         CompileConfig("tiny", 0.3, "o", repair_at="step").validate()
     # fewer calibration tokens (2 x 16) than o_proj's 64 input features: the lsq fit is ill-posed, said before scoring
-    with pytest.raises(GispError, match=r"32 tokens \(2 x 16\), fewer than the 64 input features"):
-        _compile(tmp_path, "few", repair="lsq", calib_samples=2)
+    # (only given so: left out, the repair's windows reach fit_windows)
+    with pytest.raises(GispError, match=r"32 tokens \(2 x 16\), fewer than the 64 input features.*--repair-samples"):
+        _compile(tmp_path, "few", repair="lsq", calib_samples=2, repair_samples=2)
     assert not (tmp_path / "few").exists()
     # a repaired run's materialize needs its calibration data
     run = _compile(tmp_path, "run", repair="bias")
@@ -411,8 +434,12 @@ def test_thin_lsq_fit_is_noted_with_the_windows_that_would_serve(tmp_path, capsy
     assert thin_fit_note(plan, LmCalibration(torch.zeros(enough, L, dtype=torch.long)), RepairSettings(mode="lsq")) \
         is None
     capsys.readouterr()
-    run = _compile(tmp_path, "thin", repair="lsq", calib_samples=max(-(-need // L), 1) + 1)  # well-posed, but thin
+    few = max(-(-need // L), 1) + 1  # well-posed, but thin
+    run = _compile(tmp_path, "thin", repair="lsq", calib_samples=few, repair_samples=few)
     assert "note: --repair lsq fits on" in capsys.readouterr().err
+    default = _compile(tmp_path, "default", repair="lsq", calib_samples=few)  # the default windows reach THIN_FIT
+    assert "note:" not in capsys.readouterr().err
+    assert json.loads((default.output / "report.json").read_text())["repair"]["runs"][0]["tokens"] == enough * L
     loaded = LoadedModel(tiny_model("llama-gqa", num_hidden_layers=4), tiny_tokenizer(), "tiny")
     materialize(str(run.output), None, str(tmp_path / "m"), step=1, loaded=loaded, repair="lsq", repair_samples=enough)
     assert "note:" not in capsys.readouterr().err  # materialize says it too, and not when the windows suffice
@@ -563,6 +590,15 @@ def test_repair_samples_default_and_refusals(tmp_path, capsys):
     assert CompileConfig(**base, repair="block").repair_windows == 256
     assert CompileConfig(**base, repair="lsq").repair_windows == 64
     assert CompileConfig(**base, repair="lsq", repair_samples=128).repair_windows == 128
+    # for a model: lsq and block raised to THIN_FIT tokens per input feature of the widest consumer (64 inputs, 16
+    # tokens a window: 16), --repair-samples as given, bias never
+    plan = analyse(tiny_model("llama-gqa", num_hidden_layers=4))
+    small = dict(base, calib_samples=8, seq_len=16)
+    assert CompileConfig(**small, repair="lsq").repair_windows_for(plan) == fit_windows(plan, 16) == 16
+    assert CompileConfig(**small, repair="block").repair_windows_for(plan) == 256
+    assert CompileConfig(**small, repair="bias").repair_windows_for(plan) == 8
+    assert CompileConfig(**small, repair="lsq", repair_samples=4).repair_windows_for(plan) == 4
+    assert CompileConfig(**base, repair="lsq").repair_windows_for(plan) == 64
     with pytest.raises(GispError, match="--repair-samples sets the repair's calibration; --repair is none"):
         CompileConfig(**base, repair_samples=128).validate()
     with pytest.raises(GispError, match="--repair-samples must be at least 1"):
