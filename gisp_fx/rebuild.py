@@ -4,7 +4,6 @@ removal order replayed in one shrink, repaired as the run was (or as asked)."""
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from gisp_fx.passes.analyse import analyse
 from gisp_fx.passes.importance import Scores
 from gisp_fx.passes.pg import build_units, select_by_probability
 from gisp_fx.passes.repair import MODES as REPAIR_MODES, RepairSettings, replay_repaired_
-from gisp_fx.passes.repair_check import thin_fit_note
+from gisp_fx.passes.repair_check import check_calibration
 from gisp_fx.passes.select import FreedParams, parse_protect, select_uniform
 from gisp_fx.plan import GroupPlan, GroupRef, Kind
 from gisp_fx.rundir import TRAJECTORY_DIR
@@ -165,9 +164,7 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
     calibration = None
     if calib_config:  # the windows the run's repair fitted on (--repair-samples, or block's default)
         calibration = build_calibration(calib_config, loaded.tokenizer, windows=calib_config.repair_windows_for(plan0))
-        note = thin_fit_note(plan0, calibration, settings)
-        if note:
-            print(note, file=sys.stderr)
+        check_calibration(plan0, calibration, settings)  # refuses an ill-posed fit, as compile does; notes a thin one
     chunks = [removed]
     if settings.at == "step" and settings.mode != "none":  # repaired after every recorded step, as the run was
         chunks = [tuple(r for r in removed if r in refs) for refs in (set(s.refs()) for s in traj.steps)]

@@ -253,7 +253,9 @@ def test_materialize_repairs_on_the_windows_it_is_given(tmp_path):
         rebuilt("none", repair_samples=24)
     with pytest.raises(GispError, match="--repair-samples must be at least 1"):
         rebuilt("zero", repair="lsq", repair_samples=0)
-    assert not (tmp_path / "none").exists() and not (tmp_path / "zero").exists()
+    with pytest.raises(GispError, match=r"32 tokens \(2 x 16\), fewer than the 64 input features.*ill-posed"):
+        rebuilt("two", repair="lsq", repair_samples=2)  # refused as compile refuses it
+    assert not any((tmp_path / d).exists() for d in ("none", "zero", "two"))
 
 
 def test_materialize_replays_a_repair_on_the_windows_it_recorded(tmp_path):
