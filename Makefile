@@ -104,17 +104,19 @@ QWEN_Q = $(BIN)/python benchmarks/quality.py --dtype bfloat16 --limit 100 --wind
 QWEN15_Q = $(BIN)/python benchmarks/quality.py --model qwen2.5-coder-1.5b --dtype bfloat16 --limit 100 --windows 256
 QWEN15_GSM = benchmarks/results/quality-qwen2.5-coder-1.5b-gsm8k
 quality-qwen: $(STAMP) fetch-models
-	$(QWEN_Q) --model qwen2.5-coder-0.5b --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.4,0.5
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --repair-samples 64 --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.4,0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp,wanda-sp --sparsities 0.2,0.3
-	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin,gisp+block,wanda-sp+block,gisp-ra+lsq --sparsities 0.4,0.5
-	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.2,0.3
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --repair-samples 64 --methods gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.2,0.3
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --repair-samples 256 --methods gisp+lsq,wanda-sp+lsq --sparsities 0.4,0.5
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin --sparsities 0.3
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+block,wanda-sp+block,gisp-ra+lsq --sparsities 0.4,0.5
 	$(MAKE) quality-qwen15
 
 quality-qwen15: $(STAMP) fetch-models
 	$(QWEN15_Q) --gsm8k 0 --methods gisp,wanda-sp --sparsities 0.5
-	$(QWEN15_Q) --gsm8k 0 --append --methods gisp+lsq,wanda-sp+lsq --sparsities 0.5
-	$(QWEN15_Q) --gsm8k 0 --append --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3
+	$(QWEN15_Q) --gsm8k 0 --append --repair-samples 64 --methods gisp+lsq,wanda-sp+lsq --sparsities 0.5
+	$(QWEN15_Q) --gsm8k 0 --append --repair-samples 64 --methods gisp,wanda-sp,gisp+lsq,wanda-sp+lsq --sparsities 0.3
 	$(QWEN15_Q) --gsm8k 0 --append --repair-samples 256 --methods gisp+lsq,wanda-sp+lsq --sparsities 0.3
 	$(QWEN15_Q) --gsm8k 200 --calib gsm8k --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
 	$(QWEN15_Q) --gsm8k 200 --append --methods gisp,wanda-sp --sparsities 0.2,0.3 --output $(QWEN15_GSM)
