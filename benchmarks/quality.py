@@ -50,7 +50,7 @@ import torch
 from gisp_fx.config import CALIBRATION_FREE, CompileConfig
 from gisp_fx.loading import LoadedModel, load_model
 from gisp_fx.compile import compile_model
-from gisp_fx.rebuild import load_trajectory, materialize_model
+from gisp_fx.rebuild import load_trajectory, materialize_model, materialize_repair
 from gisp_fx.tasks import MC_EVAL_TASKS, evaluate, gsm8k_exact_match
 
 REPAIRS = ("bias", "lsq", "block")  # `--methods gisp+lsq`: the method's run, repaired (at the end) on its calibration
@@ -261,9 +261,8 @@ def main() -> None:
             loaded, _, measured = materialize_model(traj, s, loaded=_fresh(original), dtype=args.dtype,
                                                     repair=repair or None, repair_samples=samples)
             extra = {"repair": repair, "repair_s": time.perf_counter() - t0} if repair else {}
-            if repair:  # the windows it fitted on: --repair-samples, else the default for this model (fit_windows)
-                extra["repair_windows"] = (samples if samples is not None else dataclasses.replace(
-                    CompileConfig.from_json(traj.config), repair=repair).repair_windows_for(traj.plan))
+            if repair:  # the windows it fitted on, as materialize decided them
+                extra["repair_windows"] = materialize_repair(traj, repair, None, samples)[1].repair_windows_for(traj.plan)
             if samples is not None:
                 extra["repair_samples"] = samples
             add(measure(f"{method} {100 * s:.0f} %", method, s, loaded, measured, compile_s=compile_s,

@@ -162,7 +162,7 @@ def materialize_model(traj: Trajectory, sparsity: float | None, *, step: int | N
         raise GispError(f"materialize: the model '{traj.config.get('model')}' is not the one this trajectory pruned")
     require_same_weights(traj.fingerprint, loaded.model, plan0, str(traj.config.get("model")), "materialize")
     calibration = None
-    if calib_config:  # the windows the run's repair fitted on (--repair-samples, or block's default)
+    if calib_config:  # the windows the run's repair fitted on (its record, --repair-samples, or the default for plan0)
         calibration = build_calibration(calib_config, loaded.tokenizer, windows=calib_config.repair_windows_for(plan0))
         check_calibration(plan0, calibration, settings)  # refuses an ill-posed fit, as compile does; notes a thin one
     chunks = [removed]
