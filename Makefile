@@ -109,6 +109,7 @@ quality-qwen: $(STAMP) fetch-models
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp,wanda-sp --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --repair-samples 64 --methods gisp+lsq,wanda-sp+lsq,oneshot --sparsities 0.2,0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --repair-samples 256 --methods gisp+lsq,wanda-sp+lsq --sparsities 0.4,0.5
+	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+lsq,wanda-sp+lsq --sparsities 0.5
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp-margin --sparsities 0.3
 	$(QWEN_Q) --model qwen2.5-coder-0.5b --append --methods gisp+block,wanda-sp+block,gisp-ra+lsq --sparsities 0.4,0.5
 	$(MAKE) quality-qwen15
